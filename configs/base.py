@@ -1,0 +1,84 @@
+"""The base config: every key the trainer reads is defined here, once, with its meaning.
+
+Experiment files start from `base.get_config()` and override a few keys. The trainer locks
+the result, so a misspelt `--config.key=value` is an error instead of a silent no-op.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Every key with its default."""
+  del arg
+  c = ml_collections.ConfigDict()
+
+  # --- Model ---------------------------------------------------------------------------------
+  c.model = "lenet"  # registry name, see jaxvision.list_models()
+  c.model_kwargs = ml_collections.ConfigDict()  # extra constructor kwargs, e.g. {'stem': 'small'}
+  c.num_classes = 0  # 0: take it from the dataset
+  c.task = "auto"  # 'classification' | 'segmentation' | 'auto' (from the dataset)
+  c.dtype = "float32"  # computation dtype ('float32' | 'bfloat16'); parameters stay float32
+
+  # --- Data ----------------------------------------------------------------------------------
+  c.dataset = "digits"  # URI: digits | tfds:NAME | idx:DIR | folder:DIR | segfolder:DIR | synthetic:HxWxC:K
+  c.train_split = "train[:80%]"  # TFDS slicing syntax, for every source
+  c.eval_split = "train[80%:]"  # '' disables evaluation
+  c.image_size = 28  # model input height = width (sources resize or crop to it)
+  c.batch_size = 128  # global batch, over all devices and processes
+  c.eval_batch_size = 0  # 0: same as batch_size
+  c.data = ml_collections.ConfigDict()
+  c.data.normalize = "none"  # preset: none | half | imagenet | mnist
+  c.data.prefetch = 2  # host batches prepared ahead in a background thread (and on device)
+  c.data.skip_bad = False  # skip unreadable images (counted in the log) instead of stopping
+  c.data.augment = ""  # comma-separated host augmentations, e.g. 'flip,randaug(2,9)' (see jaxvision.data.augment)
+
+  # --- Schedule of the run -------------------------------------------------------------------
+  c.total_steps = 1000  # optimizer steps (ignored when num_epochs > 0)
+  c.num_epochs = 0.0  # > 0: train this many epochs of train_split instead of total_steps
+  c.log_every = 50  # steps between train metric lines
+  c.eval_every = 500  # steps between evaluations (and at the end); 0: only at the end
+  c.checkpoint_every = 500  # steps between checkpoints (and at the end); 0: only at the end
+  c.keep_checkpoints = 3  # most recent checkpoints kept (the best one is kept as well)
+  c.best_metric = "accuracy"  # eval metric that picks the best checkpoint; '' disables
+  c.best_mode = "max"  # 'max' | 'min'
+  c.stop_at_step = 0  # > 0: end this run early at that step, as if preempted (the schedule is unchanged)
+  c.seed = 0  # one seed for init, data order, dropout and augmentation
+
+  # --- Optimization --------------------------------------------------------------------------
+  c.optimizer = "adam"  # sgd | momentum | nesterov | adam | adamw | lamb | lars
+  c.learning_rate = 1e-3  # peak learning rate
+  c.momentum = 0.9  # sgd momentum / lars momentum
+  c.b1 = 0.9  # adam-family first moment decay
+  c.b2 = 0.999  # adam-family second moment decay
+  c.schedule = "constant"  # constant | warmup_cosine | warmup_linear | piecewise
+  c.warmup_steps = 0  # linear warm-up from 0 to learning_rate
+  c.end_learning_rate = 0.0  # final value of cosine / linear decay
+  c.decay_boundaries = ()  # piecewise: steps (or fractions of total_steps when < 1) where ...
+  c.decay_factor = 0.1  # ... the learning rate is multiplied by this
+  c.weight_decay = 0.0  # decoupled for adamw/lamb/lars, L2 added to the gradient for sgd-family
+  c.grad_clip_norm = 0.0  # > 0: clip the global gradient norm
+  c.grad_accum_steps = 1  # micro-batches per optimizer step (batch_size is the whole step)
+  c.ema_decay = 0.0  # > 0: keep an EMA of the parameters; eval uses it
+  c.label_smoothing = 0.0
+  c.mixup_alpha = 0.0  # > 0: mixup on device with this Beta(alpha, alpha)
+  c.cutmix_alpha = 0.0  # > 0: cutmix on device (alternates with mixup when both are on)
+  c.init_from = ""  # checkpoint dir or converted weights (.npz / .msgpack) to start from
+  c.freeze = ""  # regex over '/'-joined parameter paths that stay fixed, e.g. '^(?!head/)'
+
+  # --- Parallelism ---------------------------------------------------------------------------
+  c.parallel = "mesh"  # 'mesh': jit over a device mesh | 'pmap': the same step under jax.pmap
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # devices along the data axis (-1: all that fsdp leaves)
+  c.mesh.fsdp = 1  # > 1: shard parameters and optimizer state over this many devices
+
+  # --- Segmentation ----------------------------------------------------------------------------
+  c.seg = ml_collections.ConfigDict()
+  c.seg.loss = "cross_entropy"  # cross_entropy | dice | cross_entropy+dice | bce
+  c.seg.class_weights = ()  # per-class weights of the cross-entropy ('' / () for none)
+  c.seg.weight_map = False  # the U-Net paper's border weight map (w0=10, sigma=5)
+
+  # --- Output --------------------------------------------------------------------------------
+  c.progress = "auto"  # 'auto' (bar on a TTY, plain lines otherwise) | 'bar' | 'lines' | 'none'
+  return c

@@ -1,0 +1,31 @@
+"""`digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 images), the embedded default.
+
+It ships inside scikit-learn, so it needs no download. One split, ``train``; hold out with
+slicing, e.g. ``train[:80%]`` / ``train[80%:]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxvision.data.source import ArraySource
+
+
+def load(arg: str, split: str, image_size: int | None = None) -> dict[str, ArraySource]:
+  """All digits as one ``train`` split: uint8 [N, S, S, 1] images (S = image_size or 8)."""
+  if arg:
+    raise ValueError(f"dataset 'digits' takes no argument, got 'digits:{arg}'")
+  from sklearn.datasets import load_digits
+
+  bunch = load_digits()
+  images = bunch.images.astype(np.float32) / 16.0  # pixel values are 0..16
+  if image_size and image_size != images.shape[1]:
+    from PIL import Image
+
+    images = np.stack([
+        np.asarray(Image.fromarray(im, mode="F").resize((image_size, image_size), Image.BILINEAR))
+        for im in images
+    ])
+  images = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)[..., None]
+  labels = bunch.target.astype(np.int32)
+  return {"train": ArraySource(images, labels, num_classes=10)}

@@ -1,0 +1,23 @@
+"""Model families, one per file, and the registry that names their variants.
+
+    model = create_model('resnet50', num_classes=10, dtype=jnp.bfloat16)
+    variables = model.init(rng, x)
+    logits = model.apply(variables, x, train=False)
+"""
+
+# Importing each family registers its variants.
+from jaxvision.models import (  # noqa: F401
+    alexnet,
+    densenet,
+    fcn,
+    googlenet,
+    lenet,
+    nin,
+    resnet,
+    unet,
+    vgg,
+    vit,
+)
+from jaxvision.models.registry import ModelInfo, create_model, list_models, model_info, register_model
+
+__all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model"]

@@ -1,0 +1,57 @@
+"""A task says how logits meet a batch: the training loss and the exact eval sums.
+
+The trainer is task-agnostic; `get_task(name)` returns one of these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxvision import losses, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationTask:
+  """Image -> one of `num_classes` labels.
+
+  Attributes:
+    num_classes: number of classes.
+    label_smoothing: mass spread uniformly over the classes in the training targets.
+  """
+
+  num_classes: int
+  label_smoothing: float = 0.0
+
+  def targets(self, batch: dict) -> jax.Array:
+    """Probability targets: mixed soft labels when the batch carries them, else one-hot."""
+    if "soft_label" in batch:
+      return batch["soft_label"]
+    return losses.onehot(batch["label"], self.num_classes, self.label_smoothing)
+
+  def loss(self, logits: jax.Array, batch: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean training loss over the batch, and batch metrics to log."""
+    loss = jnp.mean(losses.softmax_cross_entropy(logits, self.targets(batch)))
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return loss, {"accuracy": accuracy}
+
+  def eval_sums(self, logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
+    """Sums to add over the eval set; `finalize` turns them into metrics."""
+    return metrics.classification_sums(logits, batch["label"], batch["valid"])
+
+  def finalize(self, sums: dict) -> dict[str, float]:
+    return metrics.finalize_sums(sums)
+
+
+def get_task(name: str, *, num_classes: int, config=None):
+  """The task `name` ('classification' or 'segmentation') configured from the run config."""
+  if name == "classification":
+    smoothing = float(config.label_smoothing) if config is not None else 0.0
+    return ClassificationTask(num_classes, smoothing)
+  if name == "segmentation":
+    from jaxvision.segmentation import SegmentationTask
+
+    return SegmentationTask.from_config(num_classes, config)
+  raise ValueError(f"task={name!r} is unknown; choose 'classification' or 'segmentation'")
