@@ -1,7 +1,9 @@
 """`digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 images), the embedded default.
 
 It ships inside scikit-learn, so it needs no download. One split, ``train``; hold out with
-slicing, e.g. ``train[:80%]`` / ``train[80%:]``.
+slicing, e.g. ``train[:80%]`` / ``train[80%:]``. scikit-learn stores the digits grouped by
+writer, so the split is kept in one fixed shuffled order (permutation seed 0): a contiguous
+slice is then a random held-out set, as with ``train_test_split(shuffle=True)``.
 """
 
 from __future__ import annotations
@@ -28,4 +30,5 @@ def load(arg: str, split: str, image_size: int | None = None) -> dict[str, Array
     ])
   images = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)[..., None]
   labels = bunch.target.astype(np.int32)
-  return {"train": ArraySource(images, labels, num_classes=10)}
+  order = np.random.default_rng(0).permutation(len(labels))
+  return {"train": ArraySource(images[order], labels[order], num_classes=10, ids=order.astype(np.int64))}

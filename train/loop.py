@@ -1,0 +1,240 @@
+"""`train_and_evaluate(config, workdir)`: the training loop, assembled from small pieces."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxvision.data import create_input
+from jaxvision.models import create_model
+from jaxvision.tasks import get_task
+from train import checkpoint as ckpt
+from train.configuration import validate
+from train.optim import create_optimizer, create_schedule
+from train.parallel import create_executor, prefetch_to_device
+from train.report import Reporter
+
+log = logging.getLogger("train")
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or gradients became NaN/Inf; the run stops, the last good checkpoint stays."""
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps (save, then exit 0)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def resolve(config, train_input):
+  """Fills the keys left to the data (num_classes, task) and returns the run's total steps."""
+  with config.unlocked():
+    if not config.num_classes:
+      config.num_classes = int(train_input.num_classes)
+    if config.task == "auto":
+      config.task = train_input.task
+    if config.num_epochs:
+      config.total_steps = int(round(config.num_epochs * train_input.steps_per_epoch))
+  return int(config.total_steps)
+
+
+def _peek_input_shape(train_input) -> tuple[int, ...]:
+  if hasattr(train_input, "image_shape"):
+    return (1, *train_input.image_shape)
+  batches = train_input.train_batches(0)
+  try:
+    image = next(iter(batches))["image"]
+  finally:
+    if hasattr(batches, "close"):
+      batches.close()
+  return (1, *image.shape[1:])
+
+
+def build_model(config):
+  """The registry model for `config`, with a one-line error for a bad keyword."""
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[config.dtype]
+  kwargs = dict(config.model_kwargs.to_dict())
+  try:
+    return create_model(config.model, num_classes=config.num_classes, dtype=dtype, **kwargs)
+  except TypeError as e:
+    raise ValueError(f"config.model_kwargs={kwargs} do not fit model {config.model!r}: {e}") from None
+
+
+def evaluate(executor, state, eval_input, task, prefetch: int) -> dict[str, float]:
+  """Exact metrics over the whole eval split (sums over batches, then one division)."""
+  sums = None
+  for batch in prefetch_to_device(eval_input.eval_batches(), prefetch, executor.put_batch):
+    batch_sums = executor.eval_step(state, batch)
+    sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
+  return task.finalize(jax.device_get(sums))
+
+
+def _check_workdir(workdir: str) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  if not os.access(workdir, os.W_OK):
+    raise PermissionError(f"workdir {workdir} is not writable")
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final eval metrics."""
+  validate(config)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  is_main = process_index == 0
+
+  # Everything that can reject the input runs before anything is written to the workdir.
+  train_input = create_input(
+      config, config.train_split, train=True, process_index=process_index,
+      process_count=process_count,
+  )
+  eval_input = None
+  if config.eval_split:
+    eval_input = create_input(
+        config, config.eval_split, train=False, process_index=process_index,
+        process_count=process_count,
+    )
+  total_steps = resolve(config, train_input)
+  model = build_model(config)
+  task = get_task(config.task, num_classes=config.num_classes, config=config)
+  tx = create_optimizer(config, total_steps)
+  input_shape = _peek_input_shape(train_input)
+  executor = create_executor(config, model, tx, task, input_shape)
+
+  if is_main:
+    _check_workdir(workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  manager = ckpt.create_manager(
+      os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+      best_metric=config.best_metric if eval_input is not None else "", best_mode=config.best_mode,
+  )
+  state, start_step, _ = ckpt.restore_latest(
+      manager, executor.abstract_checkpoint, model=config.model
+  )
+  base_key = jax.random.key(config.seed)
+  if state is None:
+    state = executor.init_state(jax.random.fold_in(base_key, 0x1217))
+    if config.init_from:
+      from train.transfer import initialize_from
+
+      state = executor.from_checkpoint(
+          initialize_from(executor.to_checkpoint(state), config.init_from, config)
+      )
+  else:
+    state = executor.from_checkpoint(state)
+  step_key = jax.random.fold_in(base_key, 0x57E9)
+
+  reporter = Reporter(workdir, total_steps, enabled=is_main, progress=config.progress)
+  reporter.start_at(start_step)
+  if start_step:
+    reporter.message(f"resumed from step {start_step} ({manager.directory})")
+  schedule = create_schedule(config, total_steps)
+  record = {"model": config.model, "dataset": config.dataset}
+  skipped = getattr(train_input, "skipped", None)
+  if skipped:
+    reporter.message(f"skipped {len(skipped)} unreadable training images (data.skip_bad)")
+
+  def save(step: int, metrics=None, force=False):
+    _check_finite(executor, state, reporter)
+    ckpt.save(manager, step, executor.to_checkpoint(state), {**record, "step": step}, metrics,
+              force=force)
+
+  eval_metrics: dict[str, float] = {}
+  batches = prefetch_to_device(
+      train_input.train_batches(start_step), config.data.prefetch, executor.put_batch
+  )
+  pending: list[dict] = []
+  window_start, data_wait = time.perf_counter(), 0.0
+  step = start_step
+  try:
+    with _Preemption() as preemption:
+      while step < total_steps:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        data_wait += time.perf_counter() - t0
+        state, metrics = executor.train_step(state, batch, step_key)
+        pending.append(metrics)
+        step += 1
+        last = step == total_steps
+
+        if step % config.log_every == 0 or last:
+          # The only host sync of the train loop: once per log interval.
+          fetched = jax.device_get(pending)
+          _check_finite(executor, state, reporter)
+          elapsed = time.perf_counter() - window_start
+          row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+          row["learning_rate"] = float(schedule(step - 1))
+          row["images_per_sec"] = len(fetched) * config.batch_size / max(elapsed, 1e-9)
+          row["data_wait_ms"] = 1000.0 * data_wait / len(fetched)
+          reporter.write(step, "train", row)
+          pending, window_start, data_wait = [], time.perf_counter(), 0.0
+
+        evaluated = False
+        if eval_input is not None and ((config.eval_every and step % config.eval_every == 0) or last):
+          eval_metrics = evaluate(executor, state, eval_input, task, config.data.prefetch)
+          reporter.write(step, "eval", eval_metrics)
+          evaluated = True
+          window_start = time.perf_counter()  # eval time is not training throughput
+
+        stopping = bool(config.stop_at_step and step >= config.stop_at_step)
+        # Across processes the flag is agreed at log steps only (it costs a collective).
+        preempted = preemption.requested if process_count == 1 else (
+            (step % config.log_every == 0 or last) and _agree(preemption.requested, process_count))
+        if (config.checkpoint_every and step % config.checkpoint_every == 0) or last or stopping or preempted:
+          save(step, eval_metrics if evaluated else None, force=True)
+        if preempted:
+          reporter.message(f"SIGTERM: saved step {step}, exiting")
+          break
+        if stopping:
+          reporter.message(f"stop_at_step: stopped at step {step}")
+          break
+  finally:
+    batches.close()
+    ckpt.wait(manager)
+    manager.close()
+    reporter.close()
+  if is_main and eval_metrics:
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      json.dump({"step": step, **eval_metrics}, f, indent=2)
+  return eval_metrics
+
+
+def _check_finite(executor, state, reporter) -> None:
+  bad = int(np.asarray(executor.host_scalar(state.nonfinite_step)).ravel()[0])
+  if bad >= 0:
+    raise NonFiniteLossError(
+        f"loss or gradients became NaN/Inf at step {bad + 1}; stopped, the last good "
+        f"checkpoint is kept"
+    )
+
+
+def _agree(flag: bool, process_count: int) -> bool:
+  """True on every process when any process got the flag (SIGTERM reaches hosts at different times)."""
+  if process_count == 1:
+    return flag
+  from jax.experimental import multihost_utils
+
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))

@@ -1,0 +1,107 @@
+"""What a run reports: WORKDIR/metrics.jsonl, TensorBoard events, and the terminal.
+
+metrics.jsonl has one JSON object per line: {"step", "split": "train"|"eval", <metric>: value}.
+Only process 0 writes; the others stay silent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+
+def _clean(value):
+  value = float(value)
+  return value if math.isfinite(value) else str(value)  # JSON has no NaN/Inf
+
+
+class Reporter:
+  """Writes metrics to metrics.jsonl and TensorBoard, and shows progress on the terminal.
+
+  Attributes:
+    workdir: where metrics.jsonl and the event files go.
+    total_steps: the run's last step, for the progress bar.
+    enabled: False on every process but 0.
+  """
+
+  def __init__(self, workdir: str, total_steps: int, *, enabled: bool = True, progress: str = "auto"):
+    self.workdir = workdir
+    self.total_steps = total_steps
+    self.enabled = enabled
+    self._jsonl = None
+    self._tb = None
+    self._bar = None
+    self._start = time.time()
+    if not enabled:
+      return
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    try:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    except ImportError:  # TensorBoard events are optional; metrics.jsonl is the interface
+      self._tb = None
+    if progress == "auto":
+      progress = "bar" if sys.stderr.isatty() else "lines"
+    self.progress = progress
+    if progress == "bar":
+      from tqdm import tqdm
+
+      self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+
+  def start_at(self, step: int) -> None:
+    """Positions the progress bar at a resumed step."""
+    if self._bar is not None:
+      self._bar.n = step
+      self._bar.refresh()
+
+  def write(self, step: int, split: str, metrics: dict) -> None:
+    """Records `metrics` of `split` at `step` everywhere."""
+    if not self.enabled:
+      return
+    row = {"step": int(step), "split": split, **{k: _clean(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      for k, v in metrics.items():
+        self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+    self._show(step, split, metrics)
+
+  def _show(self, step, split, metrics):
+    keys = ("loss", "accuracy", "pixel_error", "miou", "images_per_sec")
+    shown = " ".join(f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics)
+    if self._bar is not None:
+      self._bar.n = int(step)
+      if split == "train":
+        self._bar.set_postfix_str(shown, refresh=True)
+      else:
+        self._bar.write(f"eval @ {step}: {shown}")
+    elif self.progress == "lines":
+      elapsed = time.time() - self._start
+      print(f"[{elapsed:7.1f}s] {split:5s} step {step}/{self.total_steps} {shown}", flush=True)
+
+  def message(self, text: str) -> None:
+    """A line for the terminal that does not break the progress bar."""
+    if not self.enabled or self.progress == "none":
+      return
+    if self._bar is not None:
+      self._bar.write(text)
+    else:
+      print(text, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    if self._tb is not None:
+      self._tb.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
+
+
+def _fmt(value) -> str:
+  value = float(value)
+  if abs(value) >= 100:
+    return f"{value:.0f}"
+  return f"{value:.4f}"
