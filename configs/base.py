@@ -70,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --- Parallelism ---------------------------------------------------------------------------
   c.parallel = "mesh"  # 'mesh': jit over a device mesh | 'pmap': the same step under jax.pmap
   c.mesh = ml_collections.ConfigDict()
+  c.mesh.num_devices = 0  # use the first N devices of this process (0: all); single process only
   c.mesh.data = -1  # devices along the data axis (-1: all that fsdp leaves)
   c.mesh.fsdp = 1  # > 1: shard parameters and optimizer state over this many devices
 

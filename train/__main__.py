@@ -29,6 +29,20 @@ _MULTIHOST = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with a bad --config override reported in one line (exit 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    # ml_collections names only the offending key; the overrides given help find it.
+    print(f"error: config override rejected: {str(e).strip(chr(34))} (no such key, or a value of the "
+          f"wrong type; overrides given: {', '.join(overrides) or 'none'})", file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
   logging.getLogger("absl").setLevel(logging.WARNING)
   if len(argv) > 1:
@@ -44,12 +58,21 @@ def main(argv):
   elif _MULTIHOST.value:
     jax.distributed.initialize()
 
+  try:
+    config = _CONFIG.value
+    config.keys()  # a config file that failed to load raises on first use
+  except Exception as e:  # noqa: BLE001 - a config file that fails to load or to run
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    print(f"error: --config could not be loaded: {lines[-1] if lines else type(e).__name__}",
+          file=sys.stderr)
+    sys.exit(2)
+
   from train.checkpoint import CheckpointError
   from train.loop import NonFiniteLossError, train_and_evaluate
 
   logging.getLogger("absl").setLevel(logging.WARNING)
   try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(config, _WORKDIR.value)
   except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError,
           NonFiniteLossError) as e:
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -58,4 +81,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -183,13 +183,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         if step % config.log_every == 0 or last:
           # The only host sync of the train loop: once per log interval.
           fetched = jax.device_get(pending)
-          _check_finite(executor, state, reporter)
           elapsed = time.perf_counter() - window_start
           row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
           row["learning_rate"] = float(schedule(step - 1))
           row["images_per_sec"] = len(fetched) * config.batch_size / max(elapsed, 1e-9)
           row["data_wait_ms"] = 1000.0 * data_wait / len(fetched)
           reporter.write(step, "train", row)
+          _check_finite(executor, state, reporter)  # after the row, so the NaN is on record
           pending, window_start, data_wait = [], time.perf_counter(), 0.0
 
         evaluated = False

@@ -39,6 +39,18 @@ def check_batch_divides(config, num_devices: int) -> None:
     raise ValueError(f"eval_batch_size={eval_batch} does not divide over {num_devices} devices")
 
 
+def select_devices(config, devices: list) -> list:
+  """The devices a run uses: all of them, or the first `mesh.num_devices` (single process)."""
+  n = int(config.mesh.num_devices)
+  if not n:
+    return list(devices)
+  if jax.process_count() > 1:
+    raise ValueError("config.mesh.num_devices selects devices of one process; leave it 0 for multi-process runs")
+  if not 0 < n <= len(devices):
+    raise ValueError(f"config.mesh.num_devices={n}, but this process has {len(devices)} devices")
+  return list(devices)[:n]
+
+
 def _step_kwargs(config, task) -> dict:
   return dict(
       task=task,
@@ -57,7 +69,7 @@ class MeshExecutor:
   """
 
   def __init__(self, config, model, tx, task, input_shape):
-    devices = jax.devices()
+    devices = select_devices(config, jax.devices())
     fsdp = int(config.mesh.fsdp)
     data = int(config.mesh.data) if config.mesh.data > 0 else len(devices) // max(fsdp, 1)
     if fsdp < 1 or data * fsdp != len(devices):
@@ -67,7 +79,9 @@ class MeshExecutor:
       )
     check_batch_divides(config, len(devices))
     # Auto axes: the compiler propagates shardings (GSPMD), as the step is written for.
-    self.mesh = jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+    self.mesh = jax.make_mesh(
+        (data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2, devices=devices
+    )
     self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
     self.replicated = NamedSharding(self.mesh, P())
     create = functools.partial(
@@ -134,8 +148,9 @@ class PmapExecutor:
   axis_name = "batch"
 
   def __init__(self, config, model, tx, task, input_shape):
-    self.devices = jax.local_devices()
-    check_batch_divides(config, jax.device_count())
+    self.devices = select_devices(config, jax.local_devices())
+    num_devices = len(self.devices) * jax.process_count()
+    check_batch_divides(config, num_devices)
     create = functools.partial(
         create_train_state, model, tx, input_shape=input_shape, ema=bool(config.ema_decay)
     )
@@ -150,13 +165,15 @@ class PmapExecutor:
         axis_name=self.axis_name,
         in_axes=(0, 0, None),
         donate_argnums=(0,),
+        devices=self.devices if config.mesh.num_devices else None,
     )
     self._eval = jax.pmap(
         functools.partial(step_lib.eval_step, task=task, axis_name=self.axis_name),
         axis_name=self.axis_name,
+        devices=self.devices if config.mesh.num_devices else None,
     )
     self._batch_sharding = NamedSharding(jax.sharding.Mesh(np.array(self.devices), ("d",)), P("d"))
-    self.num_devices = jax.device_count()
+    self.num_devices = num_devices
 
   def init_state(self, rng):
     return self.from_checkpoint(self._init(rng))

@@ -1,0 +1,192 @@
+"""The trainer end to end: CLI errors, parallel modes, accumulation, resume, topology, NaN guard."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import lenet_digits
+from train import loop
+from train.checkpoint import create_manager
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(**overrides):
+  c = lenet_digits.get_config()
+  c.total_steps = 20
+  c.log_every = 1
+  c.eval_every = 0
+  c.checkpoint_every = 10
+  c.batch_size = 32
+  c.progress = "none"
+  for key, value in overrides.items():
+    target = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    with c.unlocked():
+      target[leaf] = value
+  return c
+
+
+def read_metrics(workdir, split="train"):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def final_params(workdir):
+  manager = create_manager(os.path.join(workdir, "checkpoints"), keep=5, read_only=True)
+  import orbax.checkpoint as ocp
+
+  step = manager.latest_step()
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return step, jax.tree.map(np.asarray, restored["state"]["params"])
+
+
+def run_cli(*args, env_devices=4, timeout=240):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={env_devices}",
+             JAX_PLATFORMS="cpu")
+  return subprocess.run(
+      [sys.executable, "-m", "train", *args], cwd=REPO, env=env, capture_output=True, text=True,
+      timeout=timeout,
+  )
+
+
+def test_outputs_and_eval(tmp_path):
+  c = small_config(eval_every=10)
+  metrics = loop.train_and_evaluate(c, str(tmp_path))
+  assert set(metrics) >= {"loss", "accuracy", "top5"}
+  rows = read_metrics(tmp_path)
+  assert [r["step"] for r in rows] == list(range(1, 21))
+  for key in ("loss", "accuracy", "images_per_sec", "data_wait_ms", "learning_rate"):
+    assert key in rows[0]
+  evals = read_metrics(tmp_path, "eval")
+  assert [r["step"] for r in evals] == [10, 20]
+  config = json.load(open(tmp_path / "config.json"))
+  assert config["num_classes"] == 10 and config["task"] == "classification"
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "20"]
+  assert os.listdir(tmp_path / "tensorboard")
+
+
+@pytest.mark.parametrize("parallel,num_devices", [("pmap", 4), ("mesh", 1)])
+def test_parallel_modes_match_mesh(tmp_path, parallel, num_devices):
+  ref = small_config()
+  loop.train_and_evaluate(ref, str(tmp_path / "mesh4"))
+  other = small_config(parallel=parallel, **{"mesh.num_devices": num_devices})
+  loop.train_and_evaluate(other, str(tmp_path / "other"))
+  a = [r["loss"] for r in read_metrics(tmp_path / "mesh4")]
+  b = [r["loss"] for r in read_metrics(tmp_path / "other")]
+  assert len(a) == len(b) == 20
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_fsdp_matches_replicated(tmp_path):
+  loop.train_and_evaluate(small_config(total_steps=5), str(tmp_path / "rep"))
+  loop.train_and_evaluate(small_config(total_steps=5, **{"mesh.fsdp": 2}), str(tmp_path / "fsdp"))
+  a = [r["loss"] for r in read_metrics(tmp_path / "rep")]
+  b = [r["loss"] for r in read_metrics(tmp_path / "fsdp")]
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_grad_accumulation_equals_big_batch(tmp_path):
+  big = small_config(total_steps=5, checkpoint_every=5)
+  accum = small_config(total_steps=5, checkpoint_every=5, grad_accum_steps=2)
+  loop.train_and_evaluate(big, str(tmp_path / "big"))
+  loop.train_and_evaluate(accum, str(tmp_path / "accum"))
+  _, p_big = final_params(tmp_path / "big")
+  _, p_acc = final_params(tmp_path / "accum")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p_big, p_acc)
+  np.testing.assert_allclose(
+      [r["loss"] for r in read_metrics(tmp_path / "big")],
+      [r["loss"] for r in read_metrics(tmp_path / "accum")], rtol=1e-5)
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path):
+  loop.train_and_evaluate(small_config(), str(tmp_path / "straight"))
+  loop.train_and_evaluate(small_config(stop_at_step=7), str(tmp_path / "resumed"))
+  assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["7"]
+  loop.train_and_evaluate(small_config(), str(tmp_path / "resumed"))
+  step_a, a = final_params(tmp_path / "straight")
+  step_b, b = final_params(tmp_path / "resumed")
+  assert step_a == step_b == 20
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=0), a, b)
+  losses = [r["loss"] for r in read_metrics(tmp_path / "resumed")]
+  straight = [r["loss"] for r in read_metrics(tmp_path / "straight")]
+  np.testing.assert_allclose(losses, straight, rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_devices,parallel", [(1, "mesh"), (2, "mesh"), (2, "pmap")])
+def test_checkpoint_from_4_devices_restores_elsewhere(tmp_path, num_devices, parallel):
+  loop.train_and_evaluate(small_config(), str(tmp_path / "ref"))
+  loop.train_and_evaluate(small_config(stop_at_step=10), str(tmp_path / "moved"))
+  loop.train_and_evaluate(
+      small_config(parallel=parallel, **{"mesh.num_devices": num_devices}), str(tmp_path / "moved")
+  )
+  ref = [r["loss"] for r in read_metrics(tmp_path / "ref")]
+  moved = [r["loss"] for r in read_metrics(tmp_path / "moved")]
+  np.testing.assert_allclose(moved, ref, rtol=1e-5)
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
+  c = small_config(optimizer="sgd", learning_rate=1e4, checkpoint_every=1, total_steps=50)
+  with c.unlocked():
+    c.model_kwargs.activation = "relu"  # sigmoid saturates instead of overflowing
+  with pytest.raises(loop.NonFiniteLossError, match=r"NaN/Inf at step (\d+)"):
+    loop.train_and_evaluate(c, str(tmp_path))
+  saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
+  bad_rows = [r for r in read_metrics(tmp_path) if not isinstance(r["loss"], float)]
+  assert saved and bad_rows
+  assert max(saved) < bad_rows[0]["step"]
+  _, params = final_params(tmp_path)
+  assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+
+
+def test_cli_unknown_key_is_one_line_error(tmp_path):
+  result = run_cli("--config", "configs/lenet_digits.py", "--workdir", str(tmp_path / "w"),
+                   "--config.bogus_key=1")
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "bogus_key" in lines[0]
+  assert not (tmp_path / "w").exists()
+
+
+def test_cli_indivisible_batch_is_one_line_error(tmp_path):
+  result = run_cli("--config", "configs/lenet_digits.py", "--workdir", str(tmp_path / "w"),
+                   "--config.batch_size=30")
+  assert result.returncode == 2
+  err = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+  assert err == ["error: batch_size=30 does not divide over 4 devices"]
+  assert not (tmp_path / "w").exists()
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+  workdir = tmp_path / "w"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "train", "--config", "configs/lenet_digits.py", "--workdir",
+       str(workdir), "--config.total_steps=100000", "--config.log_every=10",
+       "--config.checkpoint_every=0", "--config.eval_every=0", "--config.progress=lines"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+  )
+  for line in proc.stdout:  # wait until training is under way
+    if "train step 20/" in line:
+      break
+  proc.send_signal(signal.SIGTERM)
+  t0 = time.time()
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 0, out
+  assert time.time() - t0 < 15
+  steps = [int(s) for s in os.listdir(workdir / "checkpoints")]
+  assert len(steps) == 1 and 20 <= steps[0] < 100000
+  resumed = run_cli("--config", "configs/lenet_digits.py", "--workdir", str(workdir),
+                    f"--config.total_steps={steps[0] + 5}", "--config.progress=lines",
+                    "--config.eval_every=0", "--config.log_every=5", env_devices=1)
+  assert resumed.returncode == 0, resumed.stderr
+  assert f"resumed from step {steps[0]}" in resumed.stdout
