@@ -28,6 +28,23 @@ def _abstract(model, shape):
   )
 
 
+def numpy_variables(model, shape, seed=0):
+  """Variables of `model` drawn with numpy (He-normal kernels): no compile of a random init,
+  which costs seconds per layer on a small CPU."""
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape, jnp.float32)))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if len(leaf.shape) > 1:
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return jnp.asarray(rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in), leaf.dtype)
+    fill = 1.0 if ("'scale'" in name or "'var'" in name) else 0.0
+    return jnp.full(leaf.shape, fill, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
 def test_every_unet_variant_is_pinned():
   assert sorted(list_models("unet*")) == sorted(PINNED_PARAMS)
 
@@ -98,7 +115,7 @@ def test_transposed_convolution_restores_shape_and_is_the_adjoint_of_convolution
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(1, 16, 16, 10)), jnp.float32)
   conv = nn.Conv(20, (5, 5), strides=(3, 3), padding=2, use_bias=False)
-  params = conv.init(jax.random.key(0), x)
+  params = {"params": {"kernel": jnp.asarray(rng.normal(size=(5, 5, 10, 20)), jnp.float32)}}
   y = conv.apply(params, x)
   chex.assert_shape(y, (1, 6, 6, 20))
   tconv = nn.ConvTranspose(10, (5, 5), strides=(3, 3), padding=conv_transpose_padding(5, 2),
@@ -115,8 +132,7 @@ def test_transposed_convolution_restores_shape_and_is_the_adjoint_of_convolution
 
 def test_upconv_kernel_layout():
   model = UNet(num_classes=2, depth=1, width=2, padding="same")
-  x = jnp.ones((1, 8, 8, 1))
-  variables = model.init(jax.random.key(0), x)
+  _, variables = _abstract(model, (1, 8, 8, 1))
   up = variables["params"]["up0"]["conv"]
   chex.assert_shape(up["kernel"], (2, 2, 2, 4))  # transpose_kernel: [kh, kw, out, in]
   assert "bias" in up
@@ -128,7 +144,7 @@ def test_tiny_forward_backward_finite_nonzero_grads_and_batch_stats():
   model = create_model("unet_tiny")
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 1))
   labels = (x[..., 0] > 0).astype(jnp.int32)
-  variables = model.init(jax.random.key(0), x)
+  variables = numpy_variables(model, x.shape)
 
   def loss_fn(params):
     logits, mutated = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
@@ -149,7 +165,7 @@ def test_tiny_forward_backward_finite_nonzero_grads_and_batch_stats():
 def test_intermediates_features_mode_and_dtype_policy():
   model = create_model("unet_tiny", dtype=jnp.bfloat16)
   x = jnp.ones((1, 32, 32, 1))
-  variables = model.init(jax.random.key(0), x)
+  variables = numpy_variables(model, x.shape)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
   logits, state = model.apply(variables, x, mutable=["intermediates"])
   assert logits.dtype == jnp.bfloat16
@@ -166,7 +182,7 @@ def test_valid_padding_crops_skips_and_resize_upsampling():
   size = valid_input_size(40, 2)  # 44 -> 4: every skip is center-cropped
   model = create_model("unet_tiny", padding="valid", batch_norm=False)
   x = jax.random.normal(jax.random.key(0), (1, size, size, 1))
-  variables = model.init(jax.random.key(0), x)
+  variables = numpy_variables(model, x.shape)
   logits = model.apply(variables, x)
   out = unet_output_size(size, 2, "valid")
   chex.assert_shape(logits, (1, out, out, 2))

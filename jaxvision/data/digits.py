@@ -31,4 +31,6 @@ def load(arg: str, split: str, image_size: int | None = None) -> dict[str, Array
   images = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)[..., None]
   labels = bunch.target.astype(np.int32)
   order = np.random.default_rng(0).permutation(len(labels))
-  return {"train": ArraySource(images[order], labels[order], num_classes=10, ids=order.astype(np.int64))}
+  return {
+      "train": ArraySource(images[order], labels[order], num_classes=10, ids=order.astype(np.int64))
+  }

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from jaxvision.data.source import ArraySource
-from jaxvision.data.transforms import Transform
+from jaxvision.data.transforms import Transform, build_transform
 
 
 class ArrayInput:
@@ -29,7 +29,7 @@ class ArrayInput:
 
   def __init__(
       self,
-      source: ArraySource,
+      source: ArraySource,  # or any source with len() and get_batch (e.g. files.FileSource)
       *,
       global_batch_size: int,
       transform: Transform,
@@ -51,6 +51,24 @@ class ArrayInput:
     self.process_count = process_count
     self.prefetch = prefetch
 
+  @classmethod
+  def from_config(cls, config, source, *, train: bool, process_index: int = 0,
+                  process_count: int = 1) -> ArrayInput:
+    """The input of `source` with the run config's batch size, transform, seed and prefetch."""
+    return cls(
+        source,
+        global_batch_size=(
+            config.batch_size if train else config.eval_batch_size or config.batch_size
+        ),
+        transform=build_transform(
+            config.data, train=train, task=source.task, image_size=config.image_size
+        ),
+        seed=config.seed,
+        process_index=process_index,
+        process_count=process_count,
+        prefetch=config.data.prefetch,
+    )
+
   @property
   def num_examples(self) -> int:
     return len(self.source)
@@ -62,6 +80,11 @@ class ArrayInput:
   @property
   def task(self) -> str:
     return self.source.task
+
+  @property
+  def skipped(self) -> list[str]:
+    """Files of the split left out as unreadable (data.skip_bad); the trainer logs the count."""
+    return list(getattr(self.source, "skipped", []))
 
   @property
   def steps_per_epoch(self) -> int:
@@ -95,7 +118,7 @@ class ArrayInput:
       batch = self._train_batch(step)
       step += 1
       return batch
-    return _prefetch(produce, self.prefetch)
+    return prefetch_in_thread(produce, self.prefetch)
 
   def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
     """One pass over the split; the last batch is padded and `valid` marks the real examples.
@@ -115,10 +138,7 @@ class ArrayInput:
       yield batch
 
 
-_DONE = object()
-
-
-def _prefetch(produce, size: int) -> Iterator:
+def prefetch_in_thread(produce, size: int) -> Iterator:
   """Runs `produce()` in a daemon thread, keeping up to `size` results ready."""
   if size <= 0:
     while True:

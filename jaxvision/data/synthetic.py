@@ -16,7 +16,9 @@ def load(arg: str, split: str, image_size: int | None = None) -> dict[str, Array
   """Random uint8 images whose label is a fixed function of the image (so a model can learn it)."""
   match = _SPEC.match(arg)
   if not match:
-    raise ValueError(f"dataset 'synthetic:{arg}': expected synthetic:HxWxC:K, e.g. synthetic:32x32x3:10")
+    raise ValueError(
+        f"dataset 'synthetic:{arg}': expected synthetic:HxWxC:K, e.g. synthetic:32x32x3:10"
+    )
   h, w, c, k = (int(g) for g in match.groups())
   if min(h, w, c, k) < 1:
     raise ValueError(f"dataset 'synthetic:{arg}': sizes and class count must be positive")

@@ -1,0 +1,160 @@
+"""Grad-CAM (Selvaraju et al., 2017) for any CNN of the registry, with no change to the model.
+
+The class score's gradient with respect to a layer's activations A (B, h, w, C), averaged over
+the positions, gives one weight per channel; the weighted sum of the channels, rectified, is the
+map of where the evidence for the class lies. It is upsampled to the image and scaled to [0, 1].
+
+The layer is a submodule, named by its '/'-joined path (`conv2` in LeNet, `layer3_1` in a ResNet,
+`features_10` ...); its output is A. To get dA without editing the model, a method interceptor
+(`flax.linen.intercept_methods`) adds a zero tensor `delta` to that submodule's output and
+`jax.grad` is taken with respect to `delta`: d score / d delta = d score / d A at delta = 0.
+Feature maps that a parent computes inline (an activation after a conv submodule) are not
+submodules; Grad-CAM then sees the conv's pre-activation output, which the final ReLU handles.
+
+    layers = feature_layers(model, variables, images)      # [(path, (B, h, w, C)), ...]
+    result = gradcam(model, variables, images)             # the last layer with h * w > 1
+    result.heatmaps                                        # (B, H, W) in [0, 1]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class GradCAM:
+  """What `gradcam` returns.
+
+  Attributes:
+    heatmaps: (B, H, W) float32 maps at the image size, each scaled to [0, 1] (all zeros when no
+      position has positive evidence).
+    coarse: (B, h, w) the same maps at the layer's resolution, before upsampling and scaling.
+    class_index: (B,) the class whose score was explained.
+    logits: (B, K) the model's logits.
+    layer: path of the explained layer.
+  """
+
+  heatmaps: jax.Array
+  coarse: jax.Array
+  class_index: jax.Array
+  logits: jax.Array
+  layer: str
+
+
+def _logits_of(output) -> jax.Array:
+  """A model's class logits: the array itself, or the 'logits' entry of a multi-head dict."""
+  if isinstance(output, dict):
+    if "logits" not in output:
+      raise ValueError(f"model output is a dict without 'logits' (keys {sorted(output)})")
+    return output["logits"]
+  return output
+
+
+def _module_path(module: nn.Module) -> str:
+  return "/".join(str(p) for p in module.path)
+
+
+def feature_layers(model: nn.Module, variables: dict, images: jax.Array) -> list[tuple[str, tuple]]:
+  """Submodules whose output is a (B, h, w, C) feature map, in the order they finish; no compute."""
+  found: list[tuple[str, tuple]] = []
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and getattr(out, "ndim", 0) == 4:
+      found.append((_module_path(context.module), tuple(out.shape)))
+    return out
+
+  def forward(variables, images):
+    with nn.intercept_methods(record):
+      return model.apply(variables, images, train=False)
+
+  jax.eval_shape(forward, variables, images)
+  return found
+
+
+def default_layer(model: nn.Module, variables: dict, images: jax.Array) -> str:
+  """The last feature map with more than one position: the usual Grad-CAM choice."""
+  spatial = [path for path, shape in feature_layers(model, variables, images)
+             if shape[1] * shape[2] > 1]
+  if not spatial:
+    raise ValueError(f"{type(model).__name__} has no submodule with a (B, h, w, C) output "
+                     f"of more than one position at input shape {tuple(images.shape)}")
+  return spatial[-1]
+
+
+def layer_gradients(
+    model: nn.Module, variables: dict, images: jax.Array, layer: str, class_index=None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(activations, d score / d activations, class_index, logits) at submodule `layer`.
+
+  The score of example b is its logit of `class_index[b]` (default: the predicted class).
+  """
+  shapes = dict(feature_layers(model, variables, images))
+  if layer not in shapes:
+    known = ", ".join(shapes) or "none"
+    raise ValueError(f"layer {layer!r} is not a submodule with a (B, h, w, C) output; "
+                     f"feature layers: {known}")
+  delta = jnp.zeros(shapes[layer], jnp.float32)
+
+  def score(delta):
+    seen = []
+
+    def add_delta(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if context.method_name == "__call__" and _module_path(context.module) == layer:
+        if seen:
+          raise ValueError(f"layer {layer!r} is called more than once; pick a layer used once")
+        out = out + delta.astype(out.dtype)
+        seen.append(out)
+      return out
+
+    with nn.intercept_methods(add_delta):
+      logits = _logits_of(model.apply(variables, images, train=False)).astype(jnp.float32)
+    chosen = jnp.argmax(logits, -1) if class_index is None else jnp.broadcast_to(
+        jnp.asarray(class_index, jnp.int32), logits.shape[:1])
+    picked = jnp.take_along_axis(logits, chosen[:, None], axis=-1)
+    # Examples are independent, so the gradient of the sum is each example's own gradient.
+    return jnp.sum(picked), (seen[0].astype(jnp.float32), chosen, logits)
+
+  grads, (activations, chosen, logits) = jax.grad(score, has_aux=True)(delta)
+  return activations, grads, chosen, logits
+
+
+def cam_from_gradients(activations: jax.Array, grads: jax.Array) -> jax.Array:
+  """ReLU(sum_k alpha_k A_k) with alpha_k the spatial mean of d score / d A_k: (B, h, w)."""
+  alpha = jnp.mean(grads, axis=(1, 2))  # (B, C)
+  return jax.nn.relu(jnp.einsum("bhwc,bc->bhw", activations, alpha))
+
+
+def upsample_maps(maps: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """(B, h, w) -> (B, H, W) bilinear, each map scaled so its maximum is 1 (zeros stay zeros)."""
+  maps = jax.image.resize(maps.astype(jnp.float32), (maps.shape[0], *size), method="bilinear")
+  maps = jnp.maximum(maps, 0.0)
+  peak = jnp.max(maps, axis=(1, 2), keepdims=True)
+  return jnp.where(peak > 0, maps / jnp.where(peak > 0, peak, 1.0), 0.0)
+
+
+def gradcam(
+    model: nn.Module, variables: dict, images: jax.Array, *, layer: str | None = None,
+    class_index=None,
+) -> GradCAM:
+  """Grad-CAM maps of `images` (B, H, W, C) for `class_index` (default: the predicted class)."""
+  images = jnp.asarray(images)
+  if images.ndim != 4:
+    raise ValueError(f"images must be (B, H, W, C), got shape {tuple(images.shape)}")
+  layer = layer or default_layer(model, variables, images)
+  activations, grads, chosen, logits = layer_gradients(model, variables, images, layer, class_index)
+  coarse = cam_from_gradients(activations, grads)
+  heatmaps = upsample_maps(coarse, images.shape[1:3])
+  return GradCAM(heatmaps, coarse, chosen, logits, layer)
+
+
+def peak_positions(heatmaps: jax.Array) -> jax.Array:
+  """(B, 2) (row, col) of each map's maximum."""
+  b, _, w = heatmaps.shape
+  flat = jnp.argmax(heatmaps.reshape(b, -1), axis=-1)
+  return jnp.stack([flat // w, flat % w], axis=-1)

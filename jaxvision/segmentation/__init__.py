@@ -1,0 +1,29 @@
+"""Semantic segmentation: the task the trainer uses, losses, exact confusion-matrix metrics,
+the U-Net weight map, overlap-tile inference and prediction overlays.
+
+    task = SegmentationTask.from_config(num_classes, config)
+    loss, batch_metrics = task.loss(logits, batch)          # logits [B, h, w, K], label [B, H, W]
+    sums = task.eval_sums(logits, batch)                    # summed over batches/devices/processes
+    metrics = task.finalize(sums)                           # pixel_error, miou, dice, iou_k, ...
+"""
+
+from jaxvision.segmentation.losses import (
+    binary_cross_entropy,
+    class_probabilities,
+    dice_sums,
+    pixel_cross_entropy,
+    pixel_weights,
+    soft_dice_loss,
+)
+from jaxvision.segmentation.metrics import confusion_matrix, confusion_metrics, label_mask, predict
+from jaxvision.segmentation.overlay import predict_and_save_overlays, save_overlays
+from jaxvision.segmentation.task import SegmentationTask, center_crop
+from jaxvision.segmentation.tiling import mirror_pad, predict_tiled
+from jaxvision.segmentation.weight_map import add_weight_map, unet_weight_map
+
+__all__ = [
+    "SegmentationTask", "add_weight_map", "binary_cross_entropy", "center_crop",
+    "class_probabilities", "confusion_matrix", "confusion_metrics", "dice_sums", "label_mask",
+    "mirror_pad", "pixel_cross_entropy", "pixel_weights", "predict", "predict_and_save_overlays",
+    "predict_tiled", "save_overlays", "soft_dice_loss", "unet_weight_map",
+]
