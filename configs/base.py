@@ -22,17 +22,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dtype = "float32"  # computation dtype ('float32' | 'bfloat16'); parameters stay float32
 
   # --- Data ----------------------------------------------------------------------------------
-  c.dataset = "digits"  # URI: digits | tfds:NAME | idx:DIR | folder:DIR | segfolder:DIR | synthetic:HxWxC:K
+  # URI: digits | tfds:NAME | idx:DIR | folder:DIR | segfolder:DIR | synthetic:HxWxC:K
+  c.dataset = "digits"
   c.train_split = "train[:80%]"  # TFDS slicing syntax, for every source
   c.eval_split = "train[80%:]"  # '' disables evaluation
   c.image_size = 28  # model input height = width (sources resize or crop to it)
   c.batch_size = 128  # global batch, over all devices and processes
   c.eval_batch_size = 0  # 0: same as batch_size
   c.data = ml_collections.ConfigDict()
-  c.data.normalize = "none"  # preset: none | half | imagenet | mnist
+  c.data.normalize = "none"  # none | half | imagenet | mnist | cifar10, or '(m,m,m),(s,s,s)'
   c.data.prefetch = 2  # host batches prepared ahead in a background thread (and on device)
   c.data.skip_bad = False  # skip unreadable images (counted in the log) instead of stopping
-  c.data.augment = ""  # comma-separated host augmentations, e.g. 'flip,randaug(2,9)' (see jaxvision.data.augment)
+  # Comma-separated augmentations, e.g. 'inception_crop,flip,randaug(2,9),erase(0.25)' or, for
+  # segmentation, 'crop,flip,rot90,elastic,jitter' (all names: jaxvision/data/augment.py).
+  c.data.augment = ""
+  c.data.workers = 0  # threads decoding / augmenting examples on each host (0: one per CPU core)
+  # Eval resize: the center square of this fraction of the shorter side, resized to image_size
+  # (images that are already image_size x image_size are used as they are).
+  c.data.eval_crop = 0.875
+  c.data.cache_mb = 4096  # folder / tfds: decode into host memory up to this size, else stream
+  c.data.stream = "auto"  # tfds: auto (stream if over cache_mb or sizes vary) | always | never
+  c.data.shuffle_buffer = 16384  # tfds streaming: examples in the shuffle buffer
+  c.data.tfds_dir = ""  # tfds: data_dir of prepared datasets ('': TFDS default, $TFDS_DATA_DIR)
 
   # --- Schedule of the run -------------------------------------------------------------------
   c.total_steps = 1000  # optimizer steps (ignored when num_epochs > 0)
@@ -76,9 +87,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- Segmentation ----------------------------------------------------------------------------
   c.seg = ml_collections.ConfigDict()
-  c.seg.loss = "cross_entropy"  # cross_entropy | dice | cross_entropy+dice | bce
+  c.seg.loss = "cross_entropy"  # '+'-joined terms of cross_entropy | bce | dice, e.g. 'cross_entropy+dice'
   c.seg.class_weights = ()  # per-class weights of the cross-entropy ('' / () for none)
-  c.seg.weight_map = False  # the U-Net paper's border weight map (w0=10, sigma=5)
+  c.seg.weight_map = False  # the U-Net paper's border weight map (jaxvision.segmentation.add_weight_map)
+  c.seg.weight_map_w0 = 10.0  # weight map: extra weight w0 of the thinnest borders between cells
+  c.seg.weight_map_sigma = 5.0  # weight map: border width sigma, in pixels
+  c.seg.overlays = 5  # eval examples saved as prediction overlay PNGs in the workdir at the end (0: none)
 
   # --- Output --------------------------------------------------------------------------------
   c.progress = "auto"  # 'auto' (bar on a TTY, plain lines otherwise) | 'bar' | 'lines' | 'none'

@@ -1,15 +1,23 @@
 """Every Orbax call of the trainer lives here.
 
 Checkpoints are written asynchronously under WORKDIR/checkpoints/<step>/ and only appear under
-their final name once complete (Orbax writes to a temporary directory and renames it), so a
-kill at any moment never leaves a half-written checkpoint that a resume would pick up.
-Each holds the train state and a small JSON record of the run (model, step, eval metrics).
+their final name once complete (Orbax writes to `<step>.orbax-checkpoint-tmp` and renames it),
+so a kill at any moment never leaves a half-written checkpoint that a resume would pick up; the
+temporary directory of an interrupted save is removed when the next run opens the manager.
+Each checkpoint holds the train state and a small JSON record of the run (model, step, metrics).
+
+A checkpoint damaged afterwards (a truncated or deleted file) is found on resume: it is
+reported by name, moved aside to `<step>.unreadable` (kept for inspection, and out of the way
+of the save that will reach that step again), and the previous one is used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -17,9 +25,11 @@ from orbax.checkpoint import checkpoint_managers
 
 log = logging.getLogger("train")
 
+UNREADABLE_SUFFIX = ".unreadable"
+
 
 class CheckpointError(ValueError):
-  """A checkpoint that cannot be used for this run (wrong model, unreadable, ...)."""
+  """A checkpoint that cannot be used for this run (another model, other shapes, ...)."""
 
 
 def create_manager(
@@ -44,7 +54,9 @@ def create_manager(
       read_only=read_only,
       cleanup_tmp_directories=not read_only,
   )
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  # Handlers known up front, so a checkpoint's metadata can be read before restoring it.
+  handlers = {"state": ocp.StandardCheckpointHandler(), "record": ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(os.path.abspath(directory), item_handlers=handlers, options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, record: dict, metrics: dict | None = None,
@@ -66,33 +78,52 @@ def read_record(manager: ocp.CheckpointManager, step: int) -> dict:
   return dict(restored["record"])
 
 
+def step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+  """The directory of checkpoint `step`."""
+  return os.path.join(str(manager.directory), str(step))
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, model: str):
   """(state, step, record) from the newest usable checkpoint, or (None, 0, {}) when there is none.
 
-  A checkpoint that cannot be read (truncated or deleted files) is reported by name and the
-  previous one is tried; a checkpoint of another model is an error, not a fallback.
+  An unreadable checkpoint (truncated or deleted files) is reported by name, set aside and the
+  previous one tried; a checkpoint of another model, or of other parameter shapes, is an error
+  (CheckpointError), not a fallback: resuming it would be wrong, and so would ignoring it.
   """
+  wanted = _leaf_shapes(abstract_state)
   for step in sorted(manager.all_steps(), reverse=True):
-    path = os.path.join(str(manager.directory), str(step))
+    path = step_dir(manager, step)
     try:
-      record = read_record(manager, step)
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped with a warning
-      log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, _one_line(e))
+      with _quiet_orbax():
+        record = read_record(manager, step)
+        saved = _leaf_shapes(_state_metadata(manager, step))
+      error = None
+    except Exception as e:  # noqa: BLE001 - whatever makes a checkpoint unreadable
+      error = e
+    if _any_process(error is not None):
+      _set_aside(manager, step, error)
       continue
     if record.get("model") != model:
       raise CheckpointError(
           f"checkpoint {path} is of model {record.get('model')!r}, but this run's model is "
           f"{model!r}; use another --workdir"
       )
-    try:
-      restored = manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    problem = _first_difference(saved, wanted)
+    if problem:
+      raise CheckpointError(
+          f"checkpoint {path} does not fit this run's {model!r}: {problem} (model_kwargs, "
+          "num_classes, optimizer or ema_decay changed?); use another --workdir"
       )
+    try:
+      with _quiet_orbax():
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
+      error = None
     except Exception as e:  # noqa: BLE001
-      message = _one_line(e)
-      if "shape" in message.lower() or "structure" in message.lower() or "tree" in message.lower():
-        raise CheckpointError(f"checkpoint {path} does not fit this run's model: {message}") from e
-      log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, message)
+      error = e
+    if _any_process(error is not None):
+      _set_aside(manager, step, error)
       continue
     return restored["state"], step, record
   return None, 0, {}
@@ -110,6 +141,95 @@ def restore_params(directory: str, step: int | None = None) -> tuple[dict, dict]
   return to_host(state["params"]), to_host(state.get("batch_stats", {}) or {})
 
 
-def _one_line(error: BaseException) -> str:
-  text = str(error).strip().splitlines()
-  return (text[0] if text else type(error).__name__)[:300]
+def _state_metadata(manager: ocp.CheckpointManager, step: int):
+  metadata = manager.item_metadata(step)["state"]
+  if metadata is None:
+    raise FileNotFoundError(f"no readable state metadata (state/_METADATA) in {step_dir(manager, step)}")
+  return metadata
+
+
+def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{'params/conv1/kernel': shape, ...}: the same keys for a live state and a checkpoint's metadata."""
+
+  def key_name(entry) -> str:
+    for attr in ("name", "key", "idx"):
+      if hasattr(entry, attr):
+        return str(getattr(entry, attr))
+    return str(entry)
+
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _first_difference(saved: dict, wanted: dict) -> str:
+  for name in sorted(set(saved) | set(wanted)):
+    if name not in wanted:
+      return f"it holds {name} {saved[name]}, which this run does not have"
+    if name not in saved:
+      return f"it lacks {name} {wanted[name]}"
+    if saved[name] != wanted[name]:
+      return f"{name} has shape {saved[name]} there, {wanted[name]} here"
+  return ""
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process when it is true on any (all processes must skip the same steps)."""
+  if jax.process_count() == 1:
+    return flag
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int, error: BaseException | None) -> None:
+  """Warns about an unreadable checkpoint, and renames it so that it is not tried again."""
+  path = step_dir(manager, step)
+  reason = _describe(error) if error is not None else "unreadable on another process"
+  if manager._options.read_only:  # noqa: SLF001 - Orbax has no public accessor for it
+    log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, reason)
+    return
+  _barrier(f"jaxvision: set aside checkpoint {step}")  # every process has looked at it
+  aside, n = path + UNREADABLE_SUFFIX, 0
+  while os.path.exists(aside):
+    n += 1
+    aside = f"{path}{UNREADABLE_SUFFIX}.{n}"
+  _barrier(f"jaxvision: named the place for checkpoint {step}")
+  if jax.process_index() == 0:
+    os.rename(path, aside)
+  _barrier(f"jaxvision: moved checkpoint {step}")
+  manager.reload()
+  log.warning("checkpoint %s is unreadable (%s); moved it to %s, resuming from the previous one",
+              path, reason, aside)
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _describe(error: BaseException) -> str:
+  """One readable line for an Orbax/TensorStore error (their messages embed whole JSON specs)."""
+  text = str(error)
+  array = re.search(r"""['"]path['"]:\s*['"]([^/'"][^'"]*?)/?['"]""", text)
+  line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(error).__name__)
+  line = re.split(r"\s*(?:See full TensorStore details|\[tensorstore_spec=)", line)[0]
+  if array and array.group(1) not in line:
+    line += f" (array {array.group(1)})"
+  return f"{type(error).__name__}: {line}"[:400]
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Silences the tracebacks Orbax's abandoned read coroutines print when a file is damaged.
+
+  The error itself is raised and reported in one line; the echoes add hundreds of lines.
+  """
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    yield
+  finally:
+    sys.unraisablehook = previous

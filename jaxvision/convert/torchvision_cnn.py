@@ -196,6 +196,23 @@ def _raise(direction: str, name: str, missing, unexpected, misshaped) -> None:
     raise ValueError(f"{direction}({name!r}): " + "; ".join(problems))
 
 
+def state_dict_layout(
+    name: str, *, num_classes: int | None = None, in_channels: int = 3, **options
+) -> dict[str, tuple[int, ...]]:
+  """The torchvision state-dict keys and shapes that variant `name`, built with `options`, maps to."""
+  model, family = _family(name)
+  if num_classes is None:
+    num_classes = model_info(name).num_classes
+  model, expected = _expected(name, num_classes, in_channels, options)
+  layout = {}
+  for key, spec in expected.items():
+    tkey = _torch_key(family, model, key)
+    layout[tkey] = _torch_shape(spec.shape, key[-1])
+    if key[0] == "params" and key[-1] == "scale":
+      layout[tkey.rsplit(".", 1)[0] + "." + NUM_BATCHES] = ()
+  return layout
+
+
 def from_torch(name: str, state_dict: dict[str, Any]) -> dict:
   """A torchvision state dict (arrays or CPU tensors) -> {'params', 'batch_stats'} numpy trees."""
   model, family = _family(name)

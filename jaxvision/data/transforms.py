@@ -105,7 +105,7 @@ def setting(data_config, key: str, default):
   """`data_config[key]`, or `default` for configs written before the key existed."""
   try:
     return data_config[key]
-  except (KeyError, AttributeError):
+  except (KeyError, AttributeError, TypeError):  # TypeError: no data config at all (None)
     return default
 
 

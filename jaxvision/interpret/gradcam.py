@@ -23,6 +23,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,9 +131,80 @@ def cam_from_gradients(activations: jax.Array, grads: jax.Array) -> jax.Array:
   return jax.nn.relu(jnp.einsum("bhwc,bc->bhw", activations, alpha))
 
 
-def upsample_maps(maps: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """(B, h, w) -> (B, H, W) bilinear, each map scaled so its maximum is 1 (zeros stay zeros)."""
-  maps = jax.image.resize(maps.astype(jnp.float32), (maps.shape[0], *size), method="bilinear")
+def layer_activations(model: nn.Module, variables: dict, images: jax.Array, layer: str) -> jax.Array:
+  """The output of submodule `layer` for `images`, as a function jax can differentiate."""
+  seen = []
+
+  def capture(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and _module_path(context.module) == layer and not seen:
+      seen.append(out)
+    return out
+
+  with nn.intercept_methods(capture):
+    model.apply(variables, images, train=False)
+  if not seen:
+    raise ValueError(f"layer {layer!r} was not called by {type(model).__name__}")
+  return seen[0].astype(jnp.float32)
+
+
+def receptive_field_centers(
+    model: nn.Module, variables: dict, images: jax.Array, layer: str
+) -> tuple[float, float, float, float]:
+  """(stride_y, offset_y, stride_x, offset_x): layer position i sits over image pixel
+  offset + stride * i.
+
+  Resizing a map as if it covered the image edge to edge is wrong for 'VALID' convolutions
+  (LeNet's conv2 at 28 px is off by up to 3.6 pixels). The geometry is measured instead: the
+  receptive field of two interior positions per axis is the set of pixels where
+  d A[i, j] / d image is non-zero for some example and channel, and its centre is the middle of
+  that set. An axis whose receptive field reaches the image border (deep networks) cannot be
+  measured this way and keeps the edge-to-edge mapping.
+  """
+  images = jnp.asarray(images, jnp.float32)[:16]
+  height, width = images.shape[1:3]
+  act, vjp = jax.vjp(lambda x: layer_activations(model, variables, x, layer), images)
+  h, w = act.shape[1:3]
+
+  def extent(i, j):
+    (g,) = vjp(jnp.zeros_like(act).at[:, i, j, :].set(1.0))
+    support = np.asarray(jnp.sum(jnp.abs(g), axis=(0, 3)) > 0)
+    rows, cols = np.nonzero(support.any(axis=1))[0], np.nonzero(support.any(axis=0))[0]
+    return rows, cols
+
+  def axis(lo, hi, n_in, n_out, spans):
+    stride, offset = n_in / n_out, 0.5 * n_in / n_out - 0.5  # edge to edge
+    if hi <= lo or any(len(s) == 0 or s[0] == 0 or s[-1] == n_in - 1 for s in spans):
+      return stride, offset
+    c_lo, c_hi = (0.5 * (s[0] + s[-1]) for s in spans)
+    stride = (c_hi - c_lo) / (hi - lo)
+    return stride, c_lo - stride * lo
+
+  lo_i, hi_i, lo_j, hi_j = h // 4, h - 1 - h // 4, w // 4, w - 1 - w // 4
+  rows_lo, cols_lo = extent(lo_i, lo_j)
+  rows_hi, cols_hi = extent(hi_i, hi_j)
+  return (*axis(lo_i, hi_i, height, h, (rows_lo, rows_hi)),
+          *axis(lo_j, hi_j, width, w, (cols_lo, cols_hi)))
+
+
+def upsample_maps(
+    maps: jax.Array, size: tuple[int, int], centers: tuple[float, float, float, float] | None = None
+) -> jax.Array:
+  """(B, h, w) -> (B, H, W) bilinear, each map scaled so its maximum is 1 (zeros stay zeros).
+
+  `centers` = (stride_y, offset_y, stride_x, offset_x) places map position i over image pixel
+  offset + stride * i (see `receptive_field_centers`); None spreads the map edge to edge.
+  """
+  maps = maps.astype(jnp.float32)
+  if centers is None:
+    maps = jax.image.resize(maps, (maps.shape[0], *size), method="bilinear")
+  else:
+    sy, oy, sx, ox = centers
+    ys = (jnp.arange(size[0], dtype=jnp.float32) - oy) / sy
+    xs = (jnp.arange(size[1], dtype=jnp.float32) - ox) / sx
+    coords = jnp.meshgrid(ys, xs, indexing="ij")
+    sample = lambda m: jax.scipy.ndimage.map_coordinates(m, coords, order=1, mode="nearest")
+    maps = jax.vmap(sample)(maps)
   maps = jnp.maximum(maps, 0.0)
   peak = jnp.max(maps, axis=(1, 2), keepdims=True)
   return jnp.where(peak > 0, maps / jnp.where(peak > 0, peak, 1.0), 0.0)
@@ -140,16 +212,21 @@ def upsample_maps(maps: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 def gradcam(
     model: nn.Module, variables: dict, images: jax.Array, *, layer: str | None = None,
-    class_index=None,
+    class_index=None, align: bool = True,
 ) -> GradCAM:
-  """Grad-CAM maps of `images` (B, H, W, C) for `class_index` (default: the predicted class)."""
+  """Grad-CAM maps of `images` (B, H, W, C) for `class_index` (default: the predicted class).
+
+  `align` places the coarse map over the image by measured receptive-field centres (see
+  `receptive_field_centers`); False resizes it edge to edge, as most implementations do.
+  """
   images = jnp.asarray(images)
   if images.ndim != 4:
     raise ValueError(f"images must be (B, H, W, C), got shape {tuple(images.shape)}")
   layer = layer or default_layer(model, variables, images)
   activations, grads, chosen, logits = layer_gradients(model, variables, images, layer, class_index)
   coarse = cam_from_gradients(activations, grads)
-  heatmaps = upsample_maps(coarse, images.shape[1:3])
+  centers = receptive_field_centers(model, variables, images, layer) if align else None
+  heatmaps = upsample_maps(coarse, images.shape[1:3], centers)
   return GradCAM(heatmaps, coarse, chosen, logits, layer)
 
 

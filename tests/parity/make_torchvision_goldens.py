@@ -30,6 +30,7 @@ GOLDENS = pathlib.Path(__file__).resolve().parent / "goldens"
 SEED = 0
 BATCH = 2
 LAYOUTS_FILE = "torchvision_layouts.npz"
+_KEEP_ALIVE: list = []
 
 # case -> (jaxvision variant, kwargs for both jaxvision and torchvision, input size). At least
 # one case per torchvision family; the sizes keep the goldens small and the CI run fast while
@@ -62,16 +63,12 @@ def _leaf_values(path: str, shape: tuple, seed: int) -> np.ndarray:
     # He-normal over fan-in keeps activations O(1) through deep stacks; the head is gentler.
     fan_in = int(np.prod(shape[:-1]))
     gain = 1.0 if path.startswith(("params/head/", "params/aux1/fc2", "params/aux2/fc2")) else 2.0
-    values = rng.standard_normal(shape) * np.sqrt(gain / fan_in)
-  elif leaf == "scale":
-    values = rng.uniform(0.75, 1.15, shape)  # ~unit gain per BatchNorm with the var below
-  elif leaf == "var":
-    values = rng.uniform(0.5, 1.5, shape)
-  elif leaf in ("bias", "mean"):
-    values = rng.uniform(-0.1, 0.1, shape)
-  else:
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(gain / fan_in))
+  low, high = {"scale": (0.75, 1.15),  # ~unit gain per BatchNorm with the variances below
+               "var": (0.5, 1.5), "bias": (-0.1, 0.1), "mean": (-0.1, 0.1)}.get(leaf, (0, 0))
+  if low == high:
     raise ValueError(f"deterministic_variables: no rule for leaf {path!r}")
-  return values.astype(np.float32)
+  return np.float32(low) + np.float32(high - low) * rng.random(shape, dtype=np.float32)
 
 
 def deterministic_variables(name: str, kwargs: dict, seed: int = SEED) -> dict:
@@ -112,10 +109,10 @@ def import_torchvision():
       raise
     for mod in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
       del sys.modules[mod]
-    lib = torch.library.Library("torchvision", "DEF")  # noqa: F841 (kept alive until exit)
+    lib = torch.library.Library("torchvision", "DEF")
     for op in ("nms", "qnms"):
       lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import_torchvision._lib = lib
+    _KEEP_ALIVE.append(lib)  # the schemas live as long as the Library object
     import torchvision
   return torchvision
 

@@ -1,0 +1,35 @@
+"""LeNet-5 on MNIST: the classic sigmoid + average-pool LeNet trained with Adam.
+
+    python -m train --config configs/lenet_mnist.py --workdir /tmp/lenet_mnist
+
+reads `tfds:mnist` (60,000 train / 10,000 test). Offline, the 10,000 official test digits as
+IDX files split 8,000 / 2,000 give the same recipe a held-out set:
+
+    python -m train --config configs/lenet_mnist.py --workdir /tmp/lenet_mnist_idx \\
+        --config.dataset=idx:../shared/data/mnist \\
+        --config.train_split='test[:8000]' --config.eval_split='test[8000:]'
+
+Measured result: see BENCHMARKS.md / the issue report (eval accuracy and wall time on a 2-core CPU).
+"""
+
+from configs import base
+
+
+def get_config(arg: str | None = None):
+  """LeNet-5 (sigmoid, average pooling), 28x28 inputs, MNIST statistics, Adam."""
+  c = base.get_config(arg)
+  c.model = "lenet"
+  c.dataset = "tfds:mnist"
+  c.train_split = "train"
+  c.eval_split = "test"
+  c.image_size = 28
+  c.batch_size = 64
+  c.eval_batch_size = 500
+  c.num_epochs = 20.0
+  c.log_every = 125
+  c.eval_every = 1250
+  c.checkpoint_every = 0
+  c.optimizer = "adam"
+  c.learning_rate = 2e-3
+  c.data.normalize = "mnist"
+  return c

@@ -1,0 +1,63 @@
+"""Parity with torchvision without importing it: our float32 logits against the golden logits that
+make_torchvision_goldens.py saved from torchvision, on the same seed-made weights and input.
+
+The cases are the golden files present; with none, the parametrized tests collect nothing (they
+do not pass). Regenerate the goldens with that script on any machine where torchvision imports.
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import make_torchvision_goldens as gen
+from jaxvision.convert import to_torch
+from jaxvision.convert.torchvision_cnn import state_dict_layout
+from jaxvision.models import create_model
+
+GOLDEN_FILES = sorted(p for p in gen.GOLDENS.glob("*.npz") if p.name != gen.LAYOUTS_FILE)
+LAYOUTS = gen.GOLDENS / gen.LAYOUTS_FILE
+# Cases over ~50M parameters (weight generation dominates their run time) run with -m slow.
+SLOW = {"vgg11", "vgg11_bn", "alexnet", "wide_resnet50_2"}
+
+
+def _layout(lines) -> dict[str, str]:
+  return dict(str(line).rsplit(":", 1) for line in lines)
+
+
+@pytest.mark.parametrize(
+    "path", [pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if p.stem in SLOW else [])
+             for p in GOLDEN_FILES])
+def test_logits_match_torchvision(path):
+  golden = np.load(path)
+  meta = json.loads(str(golden["meta"]))
+  name, kwargs = meta["model"], meta["kwargs"]
+  variables = gen.deterministic_variables(name, kwargs, meta["seed"])
+  # The converted state dict has exactly torchvision's keys and shapes ...
+  state_dict = to_torch(name, variables)
+  ours = {k: "x".join(map(str, v.shape)) for k, v in state_dict.items()}
+  assert ours == _layout(golden["layout"])
+  # ... and the same weights give the same logits.
+  x = gen.deterministic_input(meta["input_size"], meta["seed"])
+  model = create_model(name, **kwargs)
+  logits = np.asarray(jax.jit(model.apply)(variables, x))
+  expected = golden["logits"]
+  assert logits.shape == expected.shape
+  scale = np.abs(expected).max()
+  assert scale > 0
+  assert np.abs(logits - expected).max() <= 1e-4 * scale
+
+
+def test_every_case_has_a_golden():
+  assert sorted(p.stem for p in GOLDEN_FILES) == sorted(gen.CASES)
+
+
+@pytest.mark.parametrize("name", gen.TORCHVISION_VARIANTS)
+def test_state_dict_layout_matches_torchvision(name):
+  if not LAYOUTS.exists():
+    pytest.skip(f"{LAYOUTS.name} not generated yet")
+  expected = _layout(np.load(LAYOUTS)[name])
+  ours = {k: "x".join(map(str, v)) for k, v in state_dict_layout(name).items()}
+  assert sorted(set(ours) ^ set(expected)) == []
+  assert ours == expected

@@ -1,0 +1,464 @@
+"""python -m train.bench: throughput, MFU, compile time and memory of the trainer's own step.
+
+    python -m train.bench --model resnet50 --batch-size 256 --dtype bfloat16 --mode train
+    python -m train.bench --model lenet --batch-size 128 --dtype float32 --compare torch
+
+It times exactly what `python -m train` runs: the config comes from configs/base.py, the step is
+the executor's jitted `train_step` (same shardings, same donated state, same optimizer), fed one
+synthetic batch that stays on the device, so the input pipeline (measured separately) is out of
+the picture. Compile time is `lower(...).compile()` on its own; the timed windows start after
+warm-up and end with `jax.block_until_ready`. MFU divides the compiled step's FLOPs (XLA cost
+analysis, per device) by the step time and the device's dense bf16 peak.
+
+Output: one JSON object per measurement with the keys of RESULT_KEYS (shared/DESIGN.md), and with
+--compare torch a last line with `ratio_jax_over_torch` (images/s of JAX over PyTorch). Notes
+(FLOPs per step, XLA's memory estimate) go to stderr. Bad arguments end with one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+RESULT_KEYS = ("model", "framework", "mode", "batch_size", "dtype", "images_per_sec", "step_ms",
+               "mfu", "compile_s", "peak_mem_gb", "device")
+OPTIMIZERS = ("momentum", "sgd", "adam")
+
+# Dense bf16 peak per device, in TFLOP/s, matched by substring of the lowercased device kind
+# (first match wins, so the more specific names come first). MFU is always taken against this
+# bf16 peak, float32 runs included, so MFU figures of both dtypes share one ceiling.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    # H100 SXM: 989 on the spec sheet, but dense bf16 GEMMs measure ~800 (power/clock limited);
+    # issue 8 asks for MFU against that measured peak. The H200 is the same GH100 compute die.
+    ("h100 pcie", 756.0),  # spec sheet; no measured figure to hand
+    ("h100", 800.0),
+    ("h200", 800.0),
+    ("a100", 312.0),
+    ("tpu v4", 275.0),
+    ("tpu v5 lite", 197.0),  # v5e
+    ("tpu v5e", 197.0),
+    ("tpu v5", 459.0),  # v5p
+    ("tpu v6 lite", 918.0),  # v6e (Trillium)
+    ("tpu v6e", 918.0),
+    # CPUs: no entry. The peak depends on the SIMD units, cores and clocks of the host, which
+    # the device kind ('cpu') does not tell; MFU is then null.
+)
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """Dense bf16 peak FLOP/s of one device of `device_kind`, or None when unknown (CPUs)."""
+  kind = device_kind.lower()
+  for key, tflops in PEAK_BF16_TFLOPS:
+    if key in kind:
+      return tflops * 1e12
+  return None
+
+
+def cpu_cores() -> int:
+  """CPU cores this process may use (the affinity mask, not the host's count)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # macOS
+    return os.cpu_count() or 1
+
+
+def device_label(kind: str, count: int = 1) -> str:
+  """The JSON `device` field: the device kind, the count when > 1, the cores on a CPU."""
+  label = kind if count == 1 else f"{kind} x{count}"
+  if kind.lower() == "cpu":
+    cores = cpu_cores()
+    label += f" ({cores} core{'s' if cores > 1 else ''})"
+  return label
+
+
+def mfu(flops_per_step: float | None, step_s: float, peak: float | None) -> float | None:
+  """Model FLOPs utilisation, or None when either the FLOPs or the peak is unknown."""
+  if not flops_per_step or not peak or step_s <= 0:
+    return None
+  return flops_per_step / step_s / peak
+
+
+def result_row(**fields) -> dict:
+  """A measurement with exactly RESULT_KEYS, in that order; a missing or extra key is a bug."""
+  if set(fields) != set(RESULT_KEYS):
+    raise KeyError(f"result keys {sorted(fields)} differ from {RESULT_KEYS}")
+  return {k: fields[k] for k in RESULT_KEYS}
+
+
+def median_step_seconds(run_window: Callable[[int], float], steps: int, repeats: int) -> float:
+  """Median over `repeats` windows of the mean step time of `steps` steps (robust to a noisy host)."""
+  return statistics.median(run_window(steps) / steps for _ in range(repeats))
+
+
+def parse_model_kwargs(text: str) -> dict:
+  """'stem=small,widths=(8,16,32,64),remat=True' -> dict; values are Python literals or strings."""
+  kwargs: dict = {}
+  if not text:
+    return kwargs
+  parts, depth, current = [], 0, ""
+  for ch in text:  # split on the commas outside brackets
+    depth += ch in "([{"
+    depth -= ch in ")]}"
+    if ch == "," and depth == 0:
+      parts.append(current)
+      current = ""
+    else:
+      current += ch
+  parts.append(current)
+  for part in parts:
+    key, sep, value = part.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+      raise ValueError(f"--model-kwargs entry {part!r} is not key=value")
+    try:
+      kwargs[key] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      kwargs[key] = value.strip()
+  return kwargs
+
+
+# --- JAX side ------------------------------------------------------------------------------------
+
+
+def build_config(args) -> tuple:
+  """The trainer config of this benchmark (configs/base.py + flags), and the input shape."""
+  import ml_collections
+
+  from configs import base
+  from jaxvision.models import model_info
+
+  info = model_info(args.model)
+  height, width, channels = info.input_shape
+  if args.image_size:
+    height = width = args.image_size
+  kwargs = parse_model_kwargs(args.model_kwargs)
+  config = base.get_config()
+  config.model = args.model
+  config.num_classes = args.num_classes or info.num_classes
+  config.dtype = args.dtype
+  config.batch_size = args.batch_size
+  config.image_size = height
+  config.optimizer = args.optimizer
+  config.learning_rate = args.learning_rate
+  config.total_steps = args.warmup + args.steps * args.repeats
+  config.parallel = args.parallel
+  config.eval_split = ""
+  config.dataset = f"synthetic:{height}x{width}x{channels}:{config.num_classes}"  # for the record
+  from train.loop import build_model
+
+  config.model_kwargs = ml_collections.ConfigDict(kwargs)
+  model = build_model(config)
+  fields = getattr(type(model), "__dataclass_fields__", {})
+  if "image_size" in fields and "image_size" not in kwargs:
+    # Models with a fixed token grid (ViT) are built for the benchmark's input size.
+    config.model_kwargs = ml_collections.ConfigDict({**kwargs, "image_size": height})
+  config.task = _task_of(build_model(config), (1, height, width, channels))
+  from train.configuration import validate
+
+  validate(config)
+  return config, (1, height, width, channels)
+
+
+def _task_of(model, input_shape: tuple[int, ...]) -> str:
+  """'segmentation' when the model maps images to per-pixel logits, else 'classification'."""
+  import jax
+  import jax.numpy as jnp
+
+  def forward():
+    x = jnp.zeros(input_shape, jnp.float32)
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    return model.init_with_output(rngs, x, train=False)[0]
+
+  return "segmentation" if jax.eval_shape(forward).ndim == 4 else "classification"
+
+
+def synthetic_batch(config, input_shape: tuple[int, ...], put) -> dict:
+  """A random float32 image batch with int32 labels (label maps for segmentation), on the device.
+
+  `put` is the executor's `put_batch`, so the batch has the step's sharding; it is made once and
+  reused by every step.
+  """
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  shape = (config.batch_size, *input_shape[1:])
+  images = rng.standard_normal(shape, dtype=np.float32)
+  label_shape = shape[:3] if config.task == "segmentation" else shape[:1]
+  labels = rng.integers(0, config.num_classes, label_shape, dtype=np.int32)
+  return put({"image": images, "label": labels})
+
+
+def flops_of(compiled) -> float | None:
+  """FLOPs of one call of a compiled executable (per device), from XLA's cost analysis."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - some backends do not implement it
+    return None
+  if isinstance(analysis, (list, tuple)):  # older JAX: one dict per executable
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+def _memory_note(compiled) -> str:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - optional on some backends
+    return "n/a"
+  if m is None:
+    return "n/a"
+  gb = 1e9
+  return (f"arguments {m.argument_size_in_bytes / gb:.3f} GB, outputs {m.output_size_in_bytes / gb:.3f}"
+          f" GB, aliased {m.alias_size_in_bytes / gb:.3f} GB, temporaries "
+          f"{m.temp_size_in_bytes / gb:.3f} GB")
+
+
+def peak_memory_gb(devices: Sequence) -> float | None:
+  """The allocator's peak bytes in use over `devices`, in GB (1e9); None where not reported (CPU)."""
+  peaks = []
+  for device in devices:
+    try:
+      stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - unsupported backends raise instead of returning None
+      stats = None
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(stats["peak_bytes_in_use"])
+  return max(peaks) / 1e9 if peaks else None
+
+
+def _train_function(executor):
+  """The executor's jitted (or pmapped) train step: the exact function `python -m train` calls."""
+  return executor._train  # noqa: SLF001 - see the report: the executor could expose it publicly
+
+
+def _time_compiled(call, state, args: argparse.Namespace) -> tuple[float, object]:
+  """Warm-up, then the median of `repeats` timed windows; returns (step seconds, final state)."""
+  import jax
+
+  holder = {"state": state}
+
+  def window(n: int) -> float:
+    s = holder["state"]
+    start = time.perf_counter()
+    for _ in range(n):
+      s, out = call(s)
+    jax.block_until_ready((s, out))
+    elapsed = time.perf_counter() - start
+    holder["state"] = s
+    return elapsed
+
+  if args.warmup:
+    window(args.warmup)
+  step_s = median_step_seconds(window, args.steps, args.repeats)
+  return step_s, holder["state"]
+
+
+def run_jax(args: argparse.Namespace) -> dict:
+  """Benchmarks the trainer's step (train) or the model's forward pass (infer) in JAX."""
+  import jax
+
+  if args.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+  from jaxvision.tasks import get_task
+  from train.loop import build_model
+  from train.optim import create_optimizer
+  from train.parallel import create_executor
+
+  config, input_shape = build_config(args)
+  model = build_model(config)
+  task = get_task(config.task, num_classes=config.num_classes, config=config)
+  tx = create_optimizer(config, int(config.total_steps))
+  executor = create_executor(config, model, tx, task, input_shape)
+  state = executor.init_state(jax.random.key(config.seed))
+  batch = synthetic_batch(config, input_shape, executor.put_batch)
+  rng = jax.random.key(1)
+
+  if args.mode == "train":
+    step_fn = _train_function(executor)
+    if not args.donate:
+      step_fn = _without_donation(executor, config, task)
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, batch, rng).compile()
+    compile_s = time.perf_counter() - start
+    call = lambda s: compiled(s, batch, rng)
+  else:
+    variables_of = lambda s: s.variables(s.params)
+    forward = lambda variables, images: model.apply(variables, images, train=False)
+    forward = jax.pmap(forward) if config.parallel == "pmap" else jax.jit(forward)
+    variables = variables_of(state)
+    start = time.perf_counter()
+    compiled = forward.lower(variables, batch["image"]).compile()
+    compile_s = time.perf_counter() - start
+    # The state is passed through unchanged so the timing loop is the same for both modes.
+    call = lambda s: (s, compiled(variables, batch["image"]))
+
+  step_s, _ = _time_compiled(call, state, args)
+  flops = flops_of(compiled)
+  devices = jax.devices()[: executor.num_devices]
+  kind = devices[0].device_kind
+  print(f"# jax {args.model} {args.mode}: {flops or 0:.4g} FLOPs/step per device; XLA memory "
+        f"estimate: {_memory_note(compiled)}", file=sys.stderr)
+  return result_row(
+      model=args.model, framework="jax", mode=args.mode, batch_size=args.batch_size,
+      dtype=args.dtype, images_per_sec=args.batch_size / step_s, step_ms=1000.0 * step_s,
+      mfu=mfu(flops, step_s, peak_flops(kind)), compile_s=compile_s,
+      peak_mem_gb=peak_memory_gb(devices), device=device_label(kind, len(devices)),
+  )
+
+
+def _without_donation(executor, config, task):
+  """The executor's train step jitted again with the same shardings but no donated state (A/B)."""
+  import functools
+
+  import jax
+
+  from train import parallel, step
+
+  if config.parallel != "mesh":
+    raise ValueError("--no-donate is implemented for --parallel mesh only")
+  return jax.jit(
+      functools.partial(step.train_step, **parallel._step_kwargs(config, task)),  # noqa: SLF001
+      in_shardings=(executor.state_sharding, executor.batch_sharding, executor.replicated),
+      out_shardings=(executor.state_sharding, executor.replicated),
+  )
+
+
+# --- PyTorch side (a subprocess, so each framework has the device to itself) ----------------------
+
+
+def torch_command(args: argparse.Namespace) -> list[str]:
+  """The `python -m train.bench_torch` command line for the same model, batch and settings."""
+  cmd = [sys.executable, "-m", "train.bench_torch", "--model", args.model,
+         "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--mode", args.mode,
+         "--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+         "--optimizer", args.optimizer, "--learning-rate", str(args.learning_rate),
+         "--compile", args.torch_compile, "--channels-last", args.torch_channels_last]
+  from jaxvision.models import model_info
+
+  info = model_info(args.model)
+  cmd += ["--image-size", str(args.image_size or info.input_shape[0]),
+          "--in-chans", str(info.input_shape[2]),
+          "--num-classes", str(args.num_classes or info.num_classes)]
+  if args.model_kwargs:
+    cmd += ["--model-kwargs", args.model_kwargs]
+  return cmd
+
+
+def run_torch(args: argparse.Namespace) -> dict:
+  """Runs the PyTorch side in a subprocess and returns its JSON row."""
+  import importlib.util
+
+  if importlib.util.find_spec("torch") is None:
+    raise ValueError("--compare torch: PyTorch is not installed in this environment (pip install torch)")
+  proc = subprocess.run(torch_command(args), capture_output=True, text=True, check=False)
+  sys.stderr.write(proc.stderr)
+  if proc.returncode:
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    raise ValueError(f"--compare torch: the PyTorch side failed: {lines[-1] if lines else proc.returncode}")
+  rows = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+  if not rows:
+    raise ValueError("--compare torch: the PyTorch side printed no result")
+  return rows[-1]
+
+
+# --- Command line --------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  """The benchmark's flags (this entry point defines its own, like train/__main__.py)."""
+  p = argparse.ArgumentParser(
+      prog="python -m train.bench",
+      description=(
+          "Times the trainer's own jitted train step (or the model's forward pass) on synthetic "
+          "data kept on the device, and prints one JSON line per measurement: model, framework, "
+          "mode, batch_size, dtype, images_per_sec, step_ms, mfu, compile_s, peak_mem_gb, device. "
+          "With --compare torch, the same model, batch, optimizer and loss run in PyTorch "
+          "(train.bench_torch) and a last line gives ratio_jax_over_torch."),
+      epilog=("Examples:\n"
+              "  python -m train.bench --model lenet --batch-size 128 --dtype float32 "
+              "--compare torch\n"
+              "  python -m train.bench --model resnet18 --image-size 32 --num-classes 10 "
+              "--model-kwargs stem=small --batch-size 64 --dtype float32\n"
+              "  python -m train.bench --model vit_b16 --batch-size 256 --dtype bfloat16 "
+              "--mode infer --compare torch"),
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument("--model", required=True, help="registry name, see jaxvision.list_models()")
+  p.add_argument("--batch-size", type=int, required=True, help="global batch (over all devices)")
+  p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                 help="computation dtype; parameters stay float32 (default: %(default)s)")
+  p.add_argument("--mode", choices=("train", "infer"), default="train",
+                 help="train: a full optimizer step; infer: the forward pass (default: %(default)s)")
+  p.add_argument("--compare", choices=("torch",), default=None,
+                 help="also run the same model in PyTorch, then print the ratio")
+  p.add_argument("--steps", type=int, default=10, help="timed steps per window (default: %(default)s)")
+  p.add_argument("--repeats", type=int, default=3,
+                 help="timed windows; the median window is reported (default: %(default)s)")
+  p.add_argument("--warmup", type=int, default=2,
+                 help="untimed steps after compilation (default: %(default)s)")
+  p.add_argument("--image-size", type=int, default=0,
+                 help="input height = width (default: the model's registered input size)")
+  p.add_argument("--num-classes", type=int, default=0,
+                 help="classes (default: the model's registered number)")
+  p.add_argument("--model-kwargs", default="",
+                 help="constructor overrides, e.g. 'stem=small' or 'remat=True,scan=True'")
+  p.add_argument("--optimizer", choices=OPTIMIZERS, default="momentum",
+                 help="the same optimizer on both sides: SGD with momentum 0.9, plain SGD or Adam "
+                      "(default: %(default)s)")
+  p.add_argument("--learning-rate", type=float, default=0.01, help="(default: %(default)s)")
+  p.add_argument("--parallel", choices=("mesh", "pmap"), default="mesh",
+                 help="the trainer's execution: jit over a mesh or pmap (default: %(default)s)")
+  p.add_argument("--no-donate", dest="donate", action="store_false",
+                 help="A/B: compile the train step without donating the state (mesh only)")
+  p.add_argument("--compilation-cache", default="",
+                 help="A/B: JAX persistent compilation cache directory (compile_s of a second run "
+                      "shows the cache hit)")
+  p.add_argument("--torch-compile", choices=("auto", "on", "off"), default="auto",
+                 help="PyTorch side: torch.compile on (CUDA default) or eager (CPU default)")
+  p.add_argument("--torch-channels-last", choices=("on", "off"), default="on",
+                 help="PyTorch side: channels_last memory format for 4-D tensors "
+                      "(default: %(default)s)")
+  args = p.parse_args(argv)
+  for name in ("batch_size", "steps", "repeats"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name.replace('_', '-')} must be >= 1")
+  for name in ("warmup", "image_size", "num_classes"):
+    if getattr(args, name) < 0:
+      p.error(f"--{name.replace('_', '-')} must be >= 0")
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the benchmark and prints its JSON lines; a bad argument ends with one line, exit 2."""
+  args = parse_args(argv)
+  try:
+    # PyTorch runs first, before JAX initialises the device, so neither framework's allocator
+    # holds memory the other needs (JAX preallocates most of a GPU when it starts).
+    torch_row = run_torch(args) if args.compare == "torch" else None
+    jax_row = run_jax(args)
+  except ValueError as e:
+    print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr, flush=True)
+    return 2
+  print(json.dumps(jax_row), flush=True)
+  if torch_row is not None:
+    print(json.dumps(torch_row), flush=True)
+    print(json.dumps({
+        "model": args.model, "mode": args.mode, "batch_size": args.batch_size, "dtype": args.dtype,
+        "torch_framework": torch_row["framework"],
+        "ratio_jax_over_torch": jax_row["images_per_sec"] / torch_row["images_per_sec"],
+    }), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
