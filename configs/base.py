@@ -73,6 +73,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1  # micro-batches per optimizer step (batch_size is the whole step)
   c.ema_decay = 0.0  # > 0: keep an EMA of the parameters; eval uses it
   c.label_smoothing = 0.0
+  # Per-class weights of the training cross-entropy, e.g. (1.0, 5.0) for a rare class 1; () for
+  # none. jaxvision.imbalance.class_weights(labels, K) computes inverse-frequency weights.
+  c.class_weights = ()
   c.mixup_alpha = 0.0  # > 0: mixup on device with this Beta(alpha, alpha)
   c.cutmix_alpha = 0.0  # > 0: cutmix on device (alternates with mixup when both are on)
   c.init_from = ""  # checkpoint dir or converted weights (.npz / .msgpack) to start from
@@ -84,6 +87,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.num_devices = 0  # use the first N devices of this process (0: all); single process only
   c.mesh.data = -1  # devices along the data axis (-1: all that fsdp leaves)
   c.mesh.fsdp = 1  # > 1: shard parameters and optimizer state over this many devices
+
+  # --- Multi-task (task='multitask': a classification head and a regression head) -------------
+  c.multitask = ml_collections.ConfigDict()
+  c.multitask.target = "ink"  # regression target: 'ink' (% bright pixels) | 'label' (class index)
+  c.multitask.regression_loss = "mse"  # 'mse' | 'mae' of the regression head (jaxvision.multitask)
+  c.multitask.regression_weight = 1.0  # weight of the regression loss in the summed loss
+  c.multitask.classification_weight = 1.0  # weight of the cross-entropy in the summed loss
 
   # --- Segmentation ----------------------------------------------------------------------------
   c.seg = ml_collections.ConfigDict()

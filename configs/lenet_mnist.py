@@ -25,11 +25,16 @@ def get_config(arg: str | None = None):
   c.image_size = 28
   c.batch_size = 64
   c.eval_batch_size = 500
-  c.num_epochs = 20.0
+  c.num_epochs = 12.0
   c.log_every = 125
-  c.eval_every = 1250
+  c.eval_every = 0  # only at the end: evaluation is a noticeable share of a 2-minute CPU run
   c.checkpoint_every = 0
   c.optimizer = "adam"
-  c.learning_rate = 2e-3
+  c.learning_rate = 3e-3
+  c.schedule = "warmup_cosine"
+  c.warmup_steps = 20
   c.data.normalize = "mnist"
+  # One-pixel random shifts: with 8,000 training digits (the offline split) the sigmoid LeNet
+  # otherwise overfits (train 99.3% vs eval 98.0% without; measured on this recipe).
+  c.data.augment = "pad_crop(1)"
   return c

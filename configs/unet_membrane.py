@@ -49,11 +49,11 @@ def get_config(arg: str | None = None):
     c.eval_batch_size = 5
     c.learning_rate = 2e-3
     c.schedule = "warmup_cosine"
-    c.warmup_steps = 50
-    c.total_steps = 1500
-    c.log_every = 50
-    c.eval_every = 250
-    c.checkpoint_every = 250
+    c.warmup_steps = 25
+    c.total_steps = 500
+    c.log_every = 25
+    c.eval_every = 100
+    c.checkpoint_every = 100
   else:
     c.model = "unet"
     c.model_kwargs.padding = "same"
@@ -64,8 +64,8 @@ def get_config(arg: str | None = None):
     c.learning_rate = 5e-4
     c.schedule = "warmup_cosine"
     c.warmup_steps = 100
-    c.total_steps = 2000
+    c.total_steps = 2500
     c.log_every = 100
     c.eval_every = 250
-    c.checkpoint_every = 500
+    c.checkpoint_every = 250
   return c

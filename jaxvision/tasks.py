@@ -20,10 +20,13 @@ class ClassificationTask:
   Attributes:
     num_classes: number of classes.
     label_smoothing: mass spread uniformly over the classes in the training targets.
+    class_weights: per-class weights of the training cross-entropy (None: unweighted); see
+      jaxvision.imbalance.class_weights. Eval metrics stay unweighted.
   """
 
   num_classes: int
   label_smoothing: float = 0.0
+  class_weights: tuple[float, ...] | None = None
 
   def targets(self, batch: dict) -> jax.Array:
     """Probability targets: mixed soft labels when the batch carries them, else one-hot."""
@@ -33,7 +36,12 @@ class ClassificationTask:
 
   def loss(self, logits: jax.Array, batch: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean training loss over the batch, and batch metrics to log."""
-    loss = jnp.mean(losses.softmax_cross_entropy(logits, self.targets(batch)))
+    targets = self.targets(batch)
+    per_example = losses.softmax_cross_entropy(logits, targets)
+    if self.class_weights is not None:
+      # A soft target (mixup, smoothing) weighs each class by its share of the target.
+      per_example = per_example * (targets @ jnp.asarray(self.class_weights, jnp.float32))
+    loss = jnp.mean(per_example)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return loss, {"accuracy": accuracy}
 
@@ -46,12 +54,22 @@ class ClassificationTask:
 
 
 def get_task(name: str, *, num_classes: int, config=None):
-  """The task `name` ('classification' or 'segmentation') configured from the run config."""
+  """The task `name` ('classification', 'segmentation' or 'multitask') configured from the run
+  config."""
   if name == "classification":
+    from jaxvision.imbalance import parse_class_weights
+
     smoothing = float(config.label_smoothing) if config is not None else 0.0
-    return ClassificationTask(num_classes, smoothing)
+    weights = (parse_class_weights(config.get("class_weights"), num_classes)
+               if config is not None else None)
+    return ClassificationTask(num_classes, smoothing, weights)
+  if name == "multitask":
+    from jaxvision.multitask import MultiTask
+
+    return MultiTask.from_config(num_classes, config)
   if name == "segmentation":
     from jaxvision.segmentation import SegmentationTask
 
     return SegmentationTask.from_config(num_classes, config)
-  raise ValueError(f"task={name!r} is unknown; choose 'classification' or 'segmentation'")
+  raise ValueError(f"task={name!r} is unknown; choose 'classification', 'segmentation' or "
+                   "'multitask'")

@@ -186,6 +186,14 @@ def _images(n=2, size=32, seed=0):
   return jax.random.normal(jax.random.key(seed), (n, size, size, 3))
 
 
+def _random_params(model, input_shape, seed=0):
+  """Random parameters of the right shapes without compiling `init` (slow on a 2-core CPU)."""
+  x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)["params"]
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape), s.dtype), shapes)
+
+
 @pytest.fixture(scope="module")
 def tiny():
   """vit_tiny with real parameters (jit init: eager init dispatches op by op, slowly)."""
@@ -197,7 +205,7 @@ def test_tiny_forward_backward_finite_nonzero_grads():
   model = create_model("vit_tiny", pool="map", layer_scale=0.1, dropout=0.1,
                        attention_dropout=0.1, drop_path=0.1)
   x, labels = _images(4), jnp.array([0, 1, 2, 3])
-  params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+  params = _random_params(model, x.shape)
 
   def loss(p):
     logits = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(1)})
@@ -247,7 +255,7 @@ def test_explicit_attention_maps_per_block_and_head(tiny):
 
 def test_built_at_224_loaded_at_384_runs():
   small = create_model("vit_tiny", image_size=224)
-  params = jax.jit(small.init)(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))["params"]
+  params = _random_params(small, (1, 224, 224, 3))
   large = create_model("vit_tiny", image_size=384)
   assert load_at_image_size(params, small)["pos_embed"] is params["pos_embed"]
   resized = load_at_image_size(params, large, method="bicubic")

@@ -13,7 +13,6 @@ of the save that will reach that step again), and the previous one is used.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -59,8 +58,10 @@ def create_manager(
   return ocp.CheckpointManager(os.path.abspath(directory), item_handlers=handlers, options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, record: dict, metrics: dict | None = None,
-         *, force: bool = False) -> None:
+def save(
+    manager: ocp.CheckpointManager, step: int, state, record: dict, metrics: dict | None = None,
+    *, force: bool = False,
+) -> None:
   """Starts an asynchronous save of `state` and `record` at `step`."""
   args = ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record))
   best = {k: float(v) for k, v in (metrics or {}).items()} or None
@@ -90,13 +91,13 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, model: str
   previous one tried; a checkpoint of another model, or of other parameter shapes, is an error
   (CheckpointError), not a fallback: resuming it would be wrong, and so would ignoring it.
   """
+  _install_quiet_hook()
   wanted = _leaf_shapes(abstract_state)
   for step in sorted(manager.all_steps(), reverse=True):
     path = step_dir(manager, step)
     try:
-      with _quiet_orbax():
-        record = read_record(manager, step)
-        saved = _leaf_shapes(_state_metadata(manager, step))
+      record = read_record(manager, step)
+      saved = _leaf_shapes(_state_metadata(manager, step))
       error = None
     except Exception as e:  # noqa: BLE001 - whatever makes a checkpoint unreadable
       error = e
@@ -115,10 +116,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, model: str
           "num_classes, optimizer or ema_decay changed?); use another --workdir"
       )
     try:
-      with _quiet_orbax():
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        )
+      restored = manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+      )
       error = None
     except Exception as e:  # noqa: BLE001
       error = e
@@ -144,12 +144,12 @@ def restore_params(directory: str, step: int | None = None) -> tuple[dict, dict]
 def _state_metadata(manager: ocp.CheckpointManager, step: int):
   metadata = manager.item_metadata(step)["state"]
   if metadata is None:
-    raise FileNotFoundError(f"no readable state metadata (state/_METADATA) in {step_dir(manager, step)}")
+    raise FileNotFoundError(f"{step_dir(manager, step)}/state/_METADATA is missing or unreadable")
   return metadata
 
 
 def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
-  """{'params/conv1/kernel': shape, ...}: the same keys for a live state and a checkpoint's metadata."""
+  """{'params/conv1/kernel': shape, ...}, alike for a live state and a checkpoint's metadata."""
 
   def key_name(entry) -> str:
     for attr in ("name", "key", "idx"):
@@ -221,15 +221,26 @@ def _describe(error: BaseException) -> str:
   return f"{type(error).__name__}: {line}"[:400]
 
 
-@contextlib.contextmanager
-def _quiet_orbax():
-  """Silences the tracebacks Orbax's abandoned read coroutines print when a file is damaged.
+def _install_quiet_hook() -> None:
+  """Drops the echoes Orbax/TensorStore leave behind when a checkpoint file is damaged.
 
-  The error itself is raised and reported in one line; the echoes add hundreds of lines.
+  The read error itself is raised and reported in one line, but the abandoned read coroutines
+  ("Encountered error while reading array index") and TensorStore callbacks that arrive after
+  Orbax closed its event loop ("Event loop is closed") also print tracebacks, sometimes
+  hundreds of lines, some after the restore returned. Only those two are dropped.
   """
   previous = sys.unraisablehook
-  sys.unraisablehook = lambda unraisable: None
-  try:
-    yield
-  finally:
-    sys.unraisablehook = previous
+  if getattr(previous, "_jaxvision_quiet", False):
+    return
+
+  def hook(unraisable):
+    text = str(unraisable.exc_value)
+    if text.startswith(_ECHOES):
+      return
+    previous(unraisable)
+
+  hook._jaxvision_quiet = True
+  sys.unraisablehook = hook
+
+
+_ECHOES = ("Encountered error while reading array index", "Event loop is closed")

@@ -117,6 +117,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         process_count=process_count,
     )
   total_steps = resolve(config, train_input)
+  if config.task == "segmentation" and config.seg.weight_map:
+    _add_weight_maps(train_input, config.num_classes)
   model = build_model(config)
   task = get_task(config.task, num_classes=config.num_classes, config=config)
   tx = create_optimizer(config, total_steps)
@@ -219,7 +221,38 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if is_main and eval_metrics:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump({"step": step, **eval_metrics}, f, indent=2)
+    if config.task == "segmentation" and step == total_steps and process_count == 1:
+      _save_overlays(model, executor.to_checkpoint(state), eval_input, workdir)
   return eval_metrics
+
+
+def _add_weight_maps(train_input, num_classes: int) -> None:
+  """Adds the U-Net paper's border weight map to every training batch (host side)."""
+  from jaxvision.segmentation import add_weight_map
+
+  transform = train_input.transform
+  train_input.transform = lambda batch, rng: add_weight_map(transform(batch, rng), num_classes=num_classes)
+
+
+def _save_overlays(model, state, eval_input, workdir: str, max_images: int = 8) -> None:
+  """WORKDIR/overlays/eval_NNN.png: image | prediction | errors, for the first eval images."""
+  from jaxvision.segmentation import save_overlays
+
+  variables = jax.device_get(state.variables(state.eval_params))
+  predict = jax.jit(lambda x: model.apply(variables, x, train=False))
+  images, labels, predictions = [], [], []
+  for batch in eval_input.eval_batches():
+    keep = batch["valid"]
+    for i in range(0, int(keep.sum()), 2):  # two at a time keeps host memory small
+      x = batch["image"][keep][i:i + 2]
+      predictions.append(np.asarray(predict(x)).argmax(-1))
+      images.append(x)
+      labels.append(batch["label"][keep][i:i + 2])
+    if sum(len(p) for p in predictions) >= max_images:
+      break
+  if predictions:
+    save_overlays(os.path.join(workdir, "overlays", "eval_"), np.concatenate(images)[:max_images],
+                  np.concatenate(labels)[:max_images], np.concatenate(predictions)[:max_images])
 
 
 def _check_finite(executor, state, reporter) -> None:

@@ -59,7 +59,28 @@ def _module_path(module: nn.Module) -> str:
   return "/".join(str(p) for p in module.path)
 
 
-def feature_layers(model: nn.Module, variables: dict, images: jax.Array) -> list[tuple[str, tuple]]:
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+  flat = {}
+  for key, value in tree.items():
+    path = f"{prefix}/{key}" if prefix else str(key)
+    if isinstance(value, dict) or hasattr(value, "items"):
+      flat.update(_flatten(dict(value), path))
+    else:
+      flat[path] = value
+  return flat
+
+
+def perturbation_layers(model: nn.Module, variables: dict, images: jax.Array) -> dict[str, tuple]:
+  """{path: shape} of the (B, h, w, C) maps a model marks with `self.perturb(name, x)`."""
+  def forward(variables, images):
+    return model.apply(variables, images, train=False, mutable=["perturbations"])[1]
+
+  created = jax.eval_shape(forward, variables, images).get("perturbations", {})
+  return {path: tuple(leaf.shape) for path, leaf in _flatten(dict(created)).items()
+          if len(leaf.shape) == 4}
+
+
+def module_layers(model: nn.Module, variables: dict, images: jax.Array) -> list[tuple[str, tuple]]:
   """Submodules whose output is a (B, h, w, C) feature map, in the order they finish; no compute."""
   found: list[tuple[str, tuple]] = []
 
@@ -77,50 +98,97 @@ def feature_layers(model: nn.Module, variables: dict, images: jax.Array) -> list
   return found
 
 
+def feature_layers(model: nn.Module, variables: dict, images: jax.Array) -> list[tuple[str, tuple]]:
+  """Every layer Grad-CAM can explain: perturbation points first, then submodule outputs."""
+  perturbed = perturbation_layers(model, variables, images)
+  modules = [(p, s) for p, s in module_layers(model, variables, images) if p not in perturbed]
+  return list(perturbed.items()) + modules
+
+
 def default_layer(model: nn.Module, variables: dict, images: jax.Array) -> str:
-  """The last feature map with more than one position: the usual Grad-CAM choice."""
-  spatial = [path for path, shape in feature_layers(model, variables, images)
-             if shape[1] * shape[2] > 1]
-  if not spatial:
-    raise ValueError(f"{type(model).__name__} has no submodule with a (B, h, w, C) output "
-                     f"of more than one position at input shape {tuple(images.shape)}")
-  return spatial[-1]
+  """The last feature map with more than one position (perturbation points preferred): the
+  usual Grad-CAM choice."""
+  for layers in (list(perturbation_layers(model, variables, images).items()),
+                 module_layers(model, variables, images)):
+    spatial = [path for path, shape in layers if shape[1] * shape[2] > 1]
+    if spatial:
+      return spatial[-1]
+  raise ValueError(f"{type(model).__name__} has no (B, h, w, C) feature map of more than one "
+                   f"position at input shape {tuple(images.shape)}")
+
+
+def _forward(model, variables, images, layer: str, perturbed: dict, delta=None):
+  """(model output, activations of `layer`), with `delta` added to those activations."""
+  if layer in perturbed:
+    variables = dict(variables)
+    if delta is not None:
+      zeros = jax.tree.map(lambda s: jnp.zeros(s, jnp.float32), perturbed)
+      zeros[layer] = delta
+      variables["perturbations"] = _unflatten(zeros)
+    output, state = model.apply(variables, images, train=False, mutable=["intermediates"])
+    sown = _flatten(dict(state.get("intermediates", {}))).get(f"{layer}/0")
+    if sown is None:
+      raise ValueError(f"layer {layer!r} is perturbed but not sown under 'intermediates' with the "
+                       "same name; Grad-CAM needs both")
+    return output, sown
+  seen = []
+
+  def add_delta(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and _module_path(context.module) == layer:
+      if seen:
+        raise ValueError(f"layer {layer!r} is called more than once; pick a layer used once")
+      seen.append(out)
+      if delta is not None:
+        out = out + delta.astype(out.dtype)
+    return out
+
+  with nn.intercept_methods(add_delta):
+    output = model.apply(variables, images, train=False)
+  return output, seen[0]
+
+
+def _unflatten(flat: dict) -> dict:
+  tree: dict = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split("/")
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def _check_layer(model, variables, images, layer: str) -> tuple[tuple, dict]:
+  perturbed = perturbation_layers(model, variables, images)
+  shapes = dict(module_layers(model, variables, images))
+  shapes.update(perturbed)
+  if layer not in shapes:
+    known = ", ".join(shapes) or "none"
+    raise ValueError(f"layer {layer!r} is neither a perturbation point nor a submodule with a "
+                     f"(B, h, w, C) output; feature layers: {known}")
+  return shapes[layer], perturbed
 
 
 def layer_gradients(
     model: nn.Module, variables: dict, images: jax.Array, layer: str, class_index=None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """(activations, d score / d activations, class_index, logits) at submodule `layer`.
+  """(activations, d score / d activations, class_index, logits) at `layer`.
 
   The score of example b is its logit of `class_index[b]` (default: the predicted class).
   """
-  shapes = dict(feature_layers(model, variables, images))
-  if layer not in shapes:
-    known = ", ".join(shapes) or "none"
-    raise ValueError(f"layer {layer!r} is not a submodule with a (B, h, w, C) output; "
-                     f"feature layers: {known}")
-  delta = jnp.zeros(shapes[layer], jnp.float32)
+  shape, perturbed = _check_layer(model, variables, images, layer)
 
   def score(delta):
-    seen = []
-
-    def add_delta(next_fun, args, kwargs, context):
-      out = next_fun(*args, **kwargs)
-      if context.method_name == "__call__" and _module_path(context.module) == layer:
-        if seen:
-          raise ValueError(f"layer {layer!r} is called more than once; pick a layer used once")
-        out = out + delta.astype(out.dtype)
-        seen.append(out)
-      return out
-
-    with nn.intercept_methods(add_delta):
-      logits = _logits_of(model.apply(variables, images, train=False)).astype(jnp.float32)
+    output, activations = _forward(model, variables, images, layer, perturbed, delta)
+    logits = _logits_of(output).astype(jnp.float32)
     chosen = jnp.argmax(logits, -1) if class_index is None else jnp.broadcast_to(
         jnp.asarray(class_index, jnp.int32), logits.shape[:1])
     picked = jnp.take_along_axis(logits, chosen[:, None], axis=-1)
-    # Examples are independent, so the gradient of the sum is each example's own gradient.
-    return jnp.sum(picked), (seen[0].astype(jnp.float32), chosen, logits)
+    # Examples are independent (eval mode), so the gradient of the sum is each one's own.
+    return jnp.sum(picked), (activations.astype(jnp.float32), chosen, logits)
 
+  delta = jnp.zeros(shape, jnp.float32)
   grads, (activations, chosen, logits) = jax.grad(score, has_aux=True)(delta)
   return activations, grads, chosen, logits
 
@@ -132,20 +200,9 @@ def cam_from_gradients(activations: jax.Array, grads: jax.Array) -> jax.Array:
 
 
 def layer_activations(model: nn.Module, variables: dict, images: jax.Array, layer: str) -> jax.Array:
-  """The output of submodule `layer` for `images`, as a function jax can differentiate."""
-  seen = []
-
-  def capture(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if context.method_name == "__call__" and _module_path(context.module) == layer and not seen:
-      seen.append(out)
-    return out
-
-  with nn.intercept_methods(capture):
-    model.apply(variables, images, train=False)
-  if not seen:
-    raise ValueError(f"layer {layer!r} was not called by {type(model).__name__}")
-  return seen[0].astype(jnp.float32)
+  """The activations of `layer` for `images`, as a function jax can differentiate."""
+  _, perturbed = _check_layer(model, variables, images, layer)
+  return _forward(model, variables, images, layer, perturbed)[1].astype(jnp.float32)
 
 
 def receptive_field_centers(
@@ -163,7 +220,9 @@ def receptive_field_centers(
   """
   images = jnp.asarray(images, jnp.float32)[:16]
   height, width = images.shape[1:3]
-  act, vjp = jax.vjp(lambda x: layer_activations(model, variables, x, layer), images)
+  _, perturbed = _check_layer(model, variables, images, layer)
+  act, vjp = jax.vjp(
+      lambda x: _forward(model, variables, x, layer, perturbed)[1].astype(jnp.float32), images)
   h, w = act.shape[1:3]
 
   def extent(i, j):

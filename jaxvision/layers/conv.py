@@ -146,9 +146,10 @@ def max_pool(
     # Ceil mode: extra padding on the far side so the last, partial window exists.
     far = max((out - 1) * stride[axis] + window[axis] - size - padding[axis], 0)
     pads.append((padding[axis], far))
+  # A Python -inf init lets JAX recognise the max monoid, which it knows how to differentiate.
   return jax.lax.reduce_window(
       x,
-      jnp.array(-jnp.inf, x.dtype),
+      -jnp.inf,
       jax.lax.max,
       (1, *window, 1),
       (1, *stride, 1),

@@ -12,6 +12,7 @@ from jaxvision.models import (  # noqa: F401
     fcn,
     googlenet,
     lenet,
+    multitask,
     nin,
     resnet,
     unet,

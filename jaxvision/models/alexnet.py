@@ -5,8 +5,9 @@ Before the classifier an adaptive average pool brings the map to 6x6, as torchvi
 `conv1` ... `conv5`, `fc1`, `fc2`, `head`. `fc1` reads the 6x6 map flattened in (H, W, C) order;
 the converter permutes it from torchvision's (C, H, W).
 
-Feature maps sown under 'intermediates': `conv1` ... `conv5` (after ReLU) and `features`
-(= `conv5`, the last spatial map, for Grad-CAM).
+Feature maps sown under 'intermediates': `act1` ... `act5` (each convolution after its ReLU)
+and `features` (= `act5`, the last spatial map, for Grad-CAM). Sown names never equal submodule
+names, so `capture_intermediates=True` works alongside them.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class AlexNet(nn.Module):
       x = nn.Conv(features, (k, k), (s, s), p, kernel_init=conv_kernel_init, name=f"conv{i + 1}",
                   **kw)(x)
       x = nn.relu(x)
-      self.sow("intermediates", f"conv{i + 1}", x)
+      self.sow("intermediates", f"act{i + 1}", x)
       if i == len(_CONVS) - 1:
         self.sow("intermediates", "features", x)
       if pool:

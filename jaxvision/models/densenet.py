@@ -6,8 +6,8 @@ for converted weights). Transitions halve channels and resolution. Parameter nam
 torchvision's `features.*` modules without the `features.` prefix (`conv0`, `norm0`,
 `denseblock1/denselayer1/norm1`, `transition1/conv`, `norm5`); the classifier is `head`.
 
-Feature maps sown under 'intermediates': `stem`, `denseblock1` ... `denseblockN` (before the
-transition), and `features` (ReLU(norm5), the last spatial map, for Grad-CAM).
+Feature maps sown under 'intermediates': `stem`, `block1` ... `blockN` (each dense block's
+output, before its transition), and `features` (ReLU(norm5), the last spatial map, for Grad-CAM).
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class DenseNet(nn.Module):
     for i, num_layers in enumerate(self.block_config):
       x = DenseBlock(num_layers, self.growth_rate, self.bn_size, name=f"denseblock{i + 1}",
                      **kw)(x, train=train)
-      self.sow("intermediates", f"denseblock{i + 1}", x)
+      self.sow("intermediates", f"block{i + 1}", x)
       channels += num_layers * self.growth_rate
       if i != len(self.block_config) - 1:
         channels //= 2

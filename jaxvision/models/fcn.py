@@ -49,27 +49,38 @@ def bilinear_kernel(factor: int, channels: int) -> np.ndarray:
 
 
 class BilinearUpsample(nn.Module):
-  """Learnable x`factor` transposed convolution, initialised to bilinear interpolation.
+  """x`factor` transposed convolution initialised to (or fixed at) bilinear interpolation.
 
   Attributes:
     factor: upsampling factor f (kernel 2f, stride f, padding f/2: output = f * input).
+    learnable: a learned [2f, 2f, C, C] kernel starting at bilinear; False: fixed bilinear,
+      applied channel by channel, with no parameter (the paper's final upsampling).
     dtype: computation dtype.
     param_dtype: parameter dtype.
   """
 
   factor: int
+  learnable: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     f, c = self.factor, x.shape[-1]
-    init = lambda key, shape, dtype: jnp.asarray(bilinear_kernel(f, c), dtype)
-    return nn.ConvTranspose(
-        c, (2 * f, 2 * f), strides=(f, f), padding=conv_transpose_padding(2 * f, f // 2),
-        transpose_kernel=True, use_bias=False, kernel_init=init, name="conv",
-        dtype=self.dtype, param_dtype=self.param_dtype,
-    )(x)
+    padding = conv_transpose_padding(2 * f, f // 2)
+    if self.learnable:
+      init = lambda key, shape, dtype: jnp.asarray(bilinear_kernel(f, c), dtype)
+      return nn.ConvTranspose(
+          c, (2 * f, 2 * f), strides=(f, f), padding=padding, transpose_kernel=True,
+          use_bias=False, kernel_init=init, name="conv", dtype=self.dtype,
+          param_dtype=self.param_dtype,
+      )(x)
+    # Fixed: every channel through the same one-channel kernel (channels folded into the batch).
+    b, h, w, _ = x.shape
+    y = x.astype(self.dtype).transpose(0, 3, 1, 2).reshape(b * c, h, w, 1)
+    y = jax.lax.conv_transpose(y, jnp.asarray(bilinear_kernel(f, 1), self.dtype), (f, f), padding,
+                               dimension_numbers=("NHWC", "HWIO", "NHWC"), transpose_kernel=True)
+    return y.reshape(b, c, f * h, f * w).transpose(0, 2, 3, 1)
 
 
 class FCN(nn.Module):
@@ -80,6 +91,8 @@ class FCN(nn.Module):
     backbone: 'resnet18' | 'resnet34' | 'resnet50' | 'resnet101' | 'resnet_tiny'.
     stride: 32, 16 or 8: the finest backbone stage whose scores are fused (FCN-32s/16s/8s).
     head_width: > 0: a 3x3 conv-BN-ReLU of this width on layer4 before its scores (0: none).
+    learn_final_upsample: learn the last (x stride) upsampling too; the paper fixes it to
+      bilinear (and learns the x2 ones, initialised to bilinear).
     dtype: computation dtype.
     param_dtype: parameter dtype.
   """
@@ -88,6 +101,7 @@ class FCN(nn.Module):
   backbone: str = "resnet18"
   stride: int = 8
   head_width: int = 0
+  learn_final_upsample: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -122,7 +136,7 @@ class FCN(nn.Module):
                             name=f"score_layer{stage}", **kw)(skip)
       scores = up[:, :skip.shape[1], :skip.shape[2]] + skip_scores
       self.sow("intermediates", f"scores{stride}", scores)
-    out = BilinearUpsample(self.stride, name="upsample_out", **kw)(scores)
+    out = BilinearUpsample(self.stride, self.learn_final_upsample, name="upsample_out", **kw)(scores)
     return out[:, :height, :width]
 
 

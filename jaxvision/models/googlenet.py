@@ -8,13 +8,14 @@ Max-pools use ceil mode. Parameter names follow torchvision (`conv1/conv`, `conv
 
 Auxiliary heads (`aux_logits=True`; off by default) sit after inception4a and inception4d. They
 run in train mode only, and `__call__` still returns just the main logits: the auxiliary logits
-are sown under the 'aux' collection as `aux1` and `aux2`. To train with them, apply with
+are sown under the 'aux' collection as `aux1_logits` and `aux2_logits`. To train with them, apply with
 `mutable=['batch_stats', 'aux']` and add their losses (the paper weights each by 0.3); a trainer
 that does not ask for 'aux' trains the main head alone. `transform_input=True` maps
 ImageNet-normalized inputs to the [-1, 1] scaling torchvision's pretrained weights expect.
 
-Feature maps sown under 'intermediates': `stem` (after the second max-pool), `inception3b`,
-`inception4e`, `inception5b`, and `features` (= `inception5b`, the last spatial map).
+Feature maps sown under 'intermediates': `stem` (after the second max-pool), `stage3`,
+`stage4`, `stage5` (the outputs of inception3b, 4e and 5b), and `features` (= `stage5`, the last
+spatial map).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ INCEPTIONS = (
     ("inception5b", 384, 192, 384, 48, 128, 128),
 )
 AUX_AFTER = {"inception4a": "aux1", "inception4d": "aux2"}
-SOWN = ("inception3b", "inception4e", "inception5b")
+# Stage outputs sown as stage3/4/5 (names that differ from the submodules').
+SOWN = {"inception3b": "stage3", "inception4e": "stage4", "inception5b": "stage5"}
 # torchvision's `transform_input`: x * std / 0.5 + (mean - 0.5) / 0.5 with ImageNet's mean/std.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -160,11 +162,11 @@ class GoogLeNet(nn.Module):
       name, *widths = spec
       x = Inception(tuple(w // d for w in widths), name=name, **kw)(x, train=train)
       if name in SOWN:
-        self.sow("intermediates", name, x)
+        self.sow("intermediates", SOWN[name], x)
       if run_aux and name in AUX_AFTER:
         aux = InceptionAux(self.num_classes, d, name=AUX_AFTER[name], **kw)(x, train=train)
         if not self.is_initializing():  # init would otherwise return them among the variables
-          self.sow("aux", AUX_AFTER[name], aux)
+          self.sow("aux", f"{AUX_AFTER[name]}_logits", aux)
     self.sow("intermediates", "features", x)
     x = global_avg_pool(x)
     if not self.num_classes:

@@ -8,8 +8,8 @@ As in the paper's ImageNet model the class maps pass a ReLU before pooling. Inpu
 weight conversion.
 
 Parameter names: `block1` ... `block3` and `head`, each with `conv`, `mlp1`, `mlp2`.
-Feature maps sown under 'intermediates': `block1` ... `block3` (before their pools) and
-`features` (= `block3`, the last map before the class maps, for Grad-CAM).
+Feature maps sown under 'intermediates': `stage1` ... `stage3` (the blocks' outputs, before
+their pools) and `features` (= `stage3`, the last map before the class maps, for Grad-CAM).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class NiN(nn.Module):
     x = x.astype(self.dtype)
     for i, (features, kernel, strides, padding) in enumerate(_BLOCKS):
       x = MLPConv(features, kernel, strides, padding, name=f"block{i + 1}", **kw)(x)
-      self.sow("intermediates", f"block{i + 1}", x)
+      self.sow("intermediates", f"stage{i + 1}", x)
       if i == len(_BLOCKS) - 1:
         self.sow("intermediates", "features", x)
       x = max_pool(x, 3, 2)
