@@ -97,12 +97,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- Segmentation ----------------------------------------------------------------------------
   c.seg = ml_collections.ConfigDict()
-  c.seg.loss = "cross_entropy"  # '+'-joined terms of cross_entropy | bce | dice, e.g. 'cross_entropy+dice'
+  c.seg.loss = "cross_entropy"  # '+'-joined terms of cross_entropy | bce | dice, e.g. 'bce+dice'
   c.seg.class_weights = ()  # per-class weights of the cross-entropy ('' / () for none)
-  c.seg.weight_map = False  # the U-Net paper's border weight map (jaxvision.segmentation.add_weight_map)
+  c.seg.weight_map = False  # the U-Net paper's border weight map (segmentation.add_weight_map)
   c.seg.weight_map_w0 = 10.0  # weight map: extra weight w0 of the thinnest borders between cells
   c.seg.weight_map_sigma = 5.0  # weight map: border width sigma, in pixels
-  c.seg.overlays = 5  # eval examples saved as prediction overlay PNGs in the workdir at the end (0: none)
+  c.seg.overlays = 5  # eval examples saved as overlay PNGs in the workdir at the end (0: none)
 
   # --- Output --------------------------------------------------------------------------------
   c.progress = "auto"  # 'auto' (bar on a TTY, plain lines otherwise) | 'bar' | 'lines' | 'none'

@@ -1,4 +1,4 @@
-"""U-Net on the ISBI 2012 EM membrane slices (the U-Net paper's first data set): 25 train / 5 held out.
+"""U-Net on the ISBI 2012 EM membrane slices (the U-Net paper's data): 25 train / 5 held out.
 
     python -m train --config configs/unet_membrane.py:cpu --workdir runs/unet_membrane_cpu
     python -m train --config configs/unet_membrane.py:paper --workdir runs/unet_membrane_paper

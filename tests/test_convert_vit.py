@@ -144,7 +144,8 @@ def _random_npz(style="vit_jax", depth=2, seed=0):
   npz = {"embedding/kernel": r(PATCH, PATCH, 3, D), "embedding/bias": r(D),
          **ln("Transformer/encoder_norm"), "head/kernel": r(D, CLASSES), "head/bias": r(CLASSES)}
   if style == "vit_jax":
-    npz.update({"cls": r(1, 1, D), "Transformer/posembed_input/pos_embedding": r(1, 1 + n_tokens, D)})
+    npz.update({"cls": r(1, 1, D),
+                "Transformer/posembed_input/pos_embedding": r(1, 1 + n_tokens, D)})
   else:
     npz.update({"pos_embedding": r(1, n_tokens, D), "MAPHead_0/probe": r(1, 1, D),
                 **mha("MAPHead_0/MultiHeadDotProductAttention_0"), **ln("MAPHead_0/LayerNorm_0"),
@@ -279,7 +280,8 @@ def test_big_vision_map_npz_scanned_or_not_matches_its_reference_forward():
                              _npz_forward(npz, x, style="big_vision"), rtol=1e-4, atol=1e-4)
   # The scanned layout: one encoderblock with a leading depth axis, under a 'params/' prefix.
   blocks = [k for k in npz if k.startswith("Transformer/encoderblock_0/")]
-  scanned = {f"params/{k}": v for k, v in npz.items() if not k.startswith("Transformer/encoderblock_")}
+  scanned = {f"params/{k}": v for k, v in npz.items()
+             if not k.startswith("Transformer/encoderblock_")}
   for k in blocks:
     rest = k.removeprefix("Transformer/encoderblock_0/")
     scanned[f"params/Transformer/encoderblock/{rest}"] = np.stack(

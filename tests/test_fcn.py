@@ -1,4 +1,4 @@
-"""FCN on ResNet: pinned sizes, bilinear-initialised upsampling, backbone stages, tiny real steps."""
+"""FCN on ResNet: pinned sizes, bilinear-initialised upsampling, backbone stages, real steps."""
 
 import chex
 import jax
@@ -113,7 +113,8 @@ def test_skip_scorers_start_at_zero():
   for name in ("score_layer3", "score_layer2"):
     assert not np.any(params[name]["kernel"])
   assert np.any(params["score_layer4"]["kernel"])
-  np.testing.assert_array_equal(params["upsample_to_layer3"]["conv"]["kernel"], bilinear_kernel(2, 3))
+  np.testing.assert_array_equal(params["upsample_to_layer3"]["conv"]["kernel"],
+                                bilinear_kernel(2, 3))
 
 
 def test_tiny_forward_backward_finite_nonzero_grads_and_dtype_policy():

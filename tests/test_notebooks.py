@@ -23,9 +23,13 @@ NOTEBOOKS = ("quickstart", "vit_tpu", "unet_segmentation", "interpretability")
 CELL_TIMEOUT_S = 300
 
 
-def _kernel_env() -> dict[str, str]:
+def _kernel_env(cache_dir: str) -> dict[str, str]:
   env = dict(os.environ)
   env.update(
+      # One compilation cache for the session: notebooks that train the same model (LeNet on the
+      # digits in quickstart and interpretability) compile its steps once.
+      JAX_COMPILATION_CACHE_DIR=cache_dir,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
       JAXVISION_SMOKE="1",
       JAX_PLATFORMS="cpu",
       XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -52,15 +56,20 @@ def _errors(nb) -> list[str]:
   return found
 
 
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory) -> str:
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_in_smoke_mode(name):
+def test_notebook_runs_in_smoke_mode(name, compile_cache):
   nb = _read(name)
   client = nbclient.NotebookClient(
       nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
       resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
   )
   try:
-    client.execute(env=_kernel_env())  # the kernel process gets smoke mode, CPU, the repository
+    client.execute(env=_kernel_env(compile_cache))  # the kernel process gets smoke mode, CPU, the repository
   except nbclient.exceptions.CellExecutionError as e:
     pytest.fail(f"{name}.ipynb: {str(e).strip().splitlines()[-1]}\n{e}")
   assert not _errors(nb), _errors(nb)

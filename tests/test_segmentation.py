@@ -126,10 +126,11 @@ def test_eval_sums_over_four_devices_with_padded_final_batch():
   else:  # the backend is already up with fewer devices: fake 4 in a fresh process
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu"}
-    code = ("import json, runpy; m = runpy.run_path(%r); print(json.dumps(m['four_device_eval']()))"
-            % os.path.abspath(__file__))
+    here = os.path.abspath(__file__)
+    code = (f"import json, runpy; m = runpy.run_path({here!r}); "
+            "print(json.dumps(m['four_device_eval']()))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         check=True, cwd=os.path.dirname(os.path.dirname(here)))
     got = json.loads(out.stdout.strip().splitlines()[-1])
   assert got["devices"] == [4, 4]  # two batches, the second with 3 padded examples
   np.testing.assert_array_equal(got["confusion"], HAND_CONFUSION)
@@ -237,7 +238,7 @@ def test_weight_map_matches_the_formula():
     unet_weight_map(mask, sigma=0)
 
 
-# -- overlap-tile inference -------------------------------------------------------------------------
+# -- overlap-tile inference ----------------------------------------------------------------------
 
 def _tiny_apply(size=32, **kwargs):
   model = create_model("unet_tiny", batch_norm=False, **kwargs)
@@ -279,7 +280,7 @@ def test_overlap_tile_with_valid_padding_and_errors():
     predict_tiled(apply_fn, image, tile=0, margin=20)
 
 
-# -- overlays and a few real steps -------------------------------------------------------------------
+# -- overlays and a few real steps ---------------------------------------------------------------
 
 def test_save_overlays_marks_errors(tmp_path):
   images = np.random.default_rng(0).uniform(size=(2, 12, 10, 1)).astype(np.float32)

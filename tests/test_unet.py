@@ -1,4 +1,4 @@
-"""U-Net: pinned sizes, the paper's 572 -> 388 geometry, transposed convolutions, tiny real steps."""
+"""U-Net: pinned sizes, the paper's 572 -> 388 geometry, transposed convolutions, real steps."""
 
 import chex
 import flax.linen as nn
@@ -99,7 +99,8 @@ def _conv_transpose(x, kernel, stride, padding):
   layer = nn.ConvTranspose(1, kernel.shape, strides=(stride, stride), use_bias=False,
                            padding=conv_transpose_padding(kernel.shape[0], padding),
                            transpose_kernel=True)
-  return layer.apply({"params": {"kernel": kernel[:, :, None, None]}}, x[None, :, :, None])[0, :, :, 0]
+  y = layer.apply({"params": {"kernel": kernel[:, :, None, None]}}, x[None, :, :, None])
+  return y[0, :, :, 0]
 
 
 def test_transposed_convolution_seeds_example():
@@ -124,8 +125,8 @@ def test_transposed_convolution_restores_shape_and_is_the_adjoint_of_convolution
   chex.assert_shape(back, x.shape)
   # <conv(x), y> == <x, conv_transpose(y)>: the textbook transposed convolution.
   v = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
-  np.testing.assert_allclose(jnp.vdot(conv.apply(params, x), v), jnp.vdot(x, tconv.apply(params, v)),
-                             rtol=1e-4)
+  np.testing.assert_allclose(jnp.vdot(conv.apply(params, x), v),
+                             jnp.vdot(x, tconv.apply(params, v)), rtol=1e-4)
   with pytest.raises(ValueError, match="padding"):
     conv_transpose_padding(2, 2)
 

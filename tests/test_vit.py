@@ -20,9 +20,10 @@ from jaxvision.layers.transformer import DropPath, LayerScale, Mlp
 from jaxvision.models import create_model, list_models, model_info
 from jaxvision.models.vit import attention_maps, load_at_image_size, stack_blocks, unstack_blocks
 
-# 224 px, 1000 classes, class token, learned position embeddings; the first six equal timm's
-# counts for vit_{tiny,small,base}_patch16_224, vit_base_patch32_224, vit_large_patch16_224
-# and vit_huge_patch14_224.
+# 224 px, 1000 classes, class token, learned position embeddings. The nine paper sizes equal
+# timm 1.0.31's counts of vit_{tiny,small,base}_patch16_224, vit_small_patch8_224,
+# vit_base_patch{32,8}_224, vit_large_patch{16,32}_224 and vit_huge_patch14_224 built with
+# num_classes=1000 (counted on meta tensors when the goldens were made).
 PINNED = {
     "vit_ti16": 5_717_416,
     "vit_s16": 22_050_664,

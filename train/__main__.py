@@ -9,7 +9,9 @@ the run with one line naming the culprit and exit status 2.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -30,23 +32,67 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with a bad --config override reported in one line (exit 2)."""
+  """absl flag parsing; a bad flag, override or config file is reported in one line (exit 2)."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-    # ml_collections names only the offending key; the overrides given help find it.
-    print(f"error: config override rejected: {str(e).strip(chr(34))} (no such key, or a value of the "
-          f"wrong type; overrides given: {', '.join(overrides) or 'none'})", file=sys.stderr)
+    print(f"error: {_first_line(e)}", file=sys.stderr)
+  except Exception as e:  # noqa: BLE001 - the config file is user code: anything can go wrong in it
+    in_config = _config_file_line(e, argv)
+    if in_config:
+      print(f"error: --config {in_config}: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
+    elif isinstance(e, OSError):  # ml_collections' "failed loading config file ..."
+      lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+      print(f"error: --config could not be loaded: {lines[-1]}", file=sys.stderr)
+    elif isinstance(e, (AttributeError, KeyError, TypeError, ValueError)):
+      overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+      # ml_collections names only the offending key; the overrides given help find it.
+      print(f"error: config override rejected: {str(e).strip(chr(34))} (no such key, or a value "
+            f"of the wrong type; overrides given: {', '.join(overrides) or 'none'})",
+            file=sys.stderr)
+    else:
+      raise
   sys.exit(2)
+
+
+def _config_file_line(error: BaseException, argv: list[str]) -> str:
+  """'FILE line N' when `error` was raised by the --config file's own code, else ''."""
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if path is None and "--config" in argv[:-1]:
+    path = argv[argv.index("--config") + 1]
+  if not path:
+    return ""
+  path = os.path.abspath(path.split(":")[0])
+  if isinstance(error, SyntaxError) and error.filename and os.path.abspath(error.filename) == path:
+    return f"{error.filename} line {error.lineno}"
+  frames = [f for f in traceback.extract_tb(error.__traceback__)
+            if os.path.abspath(f.filename) == path]
+  return f"{frames[-1].filename} line {frames[-1].lineno}" if frames else ""
+
+
+def _first_line(error: BaseException) -> str:
+  if isinstance(error, SyntaxError) and error.msg:
+    return error.msg
+  lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+  return lines[0] if lines else type(error).__name__
 
 
 def main(argv):
   logging.getLogger("absl").setLevel(logging.WARNING)
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    print(f"error: unexpected arguments: {' '.join(argv[1:])} (flags are --name=value; see --help)",
+          file=sys.stderr)
+    sys.exit(2)
+  try:
+    config = _CONFIG.value
+    config.keys()  # a config file that failed to load raises on first use
+  except Exception as e:  # noqa: BLE001 - a config file that fails to load or to run
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    print(f"error: --config could not be loaded: {lines[-1] if lines else type(e).__name__}",
+          file=sys.stderr)
+    sys.exit(2)
+
+  # After the config: a bad one ends this process before it waits for the others.
   import jax
 
   if _COORDINATOR.value or _NUM_PROCESSES.value:
@@ -58,23 +104,13 @@ def main(argv):
   elif _MULTIHOST.value:
     jax.distributed.initialize()
 
-  try:
-    config = _CONFIG.value
-    config.keys()  # a config file that failed to load raises on first use
-  except Exception as e:  # noqa: BLE001 - a config file that fails to load or to run
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    print(f"error: --config could not be loaded: {lines[-1] if lines else type(e).__name__}",
-          file=sys.stderr)
-    sys.exit(2)
-
   from train.checkpoint import CheckpointError
   from train.loop import NonFiniteLossError, train_and_evaluate
 
   logging.getLogger("absl").setLevel(logging.WARNING)
   try:
     train_and_evaluate(config, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError,
-          NonFiniteLossError) as e:
+  except (ValueError, OSError, CheckpointError, NonFiniteLossError) as e:
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)

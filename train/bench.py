@@ -93,7 +93,7 @@ def result_row(**fields) -> dict:
 
 
 def median_step_seconds(run_window: Callable[[int], float], steps: int, repeats: int) -> float:
-  """Median over `repeats` windows of the mean step time of `steps` steps (robust to a noisy host)."""
+  """Median over `repeats` windows of the mean step time of `steps` steps (robust to noise)."""
   return statistics.median(run_window(steps) / steps for _ in range(repeats))
 
 
@@ -195,10 +195,10 @@ def synthetic_batch(config, input_shape: tuple[int, ...], put) -> dict:
   return put({"image": images, "label": labels})
 
 
-def flops_of(compiled) -> float | None:
-  """FLOPs of one call of a compiled executable (per device), from XLA's cost analysis."""
+def flops_of(stage) -> float | None:
+  """FLOPs of one call of a lowered or compiled step (per device), from XLA's cost analysis."""
   try:
-    analysis = compiled.cost_analysis()
+    analysis = stage.cost_analysis()
   except Exception:  # noqa: BLE001 - some backends do not implement it
     return None
   if isinstance(analysis, (list, tuple)):  # older JAX: one dict per executable
@@ -215,13 +215,13 @@ def _memory_note(compiled) -> str:
   if m is None:
     return "n/a"
   gb = 1e9
-  return (f"arguments {m.argument_size_in_bytes / gb:.3f} GB, outputs {m.output_size_in_bytes / gb:.3f}"
-          f" GB, aliased {m.alias_size_in_bytes / gb:.3f} GB, temporaries "
-          f"{m.temp_size_in_bytes / gb:.3f} GB")
+  return (f"arguments {m.argument_size_in_bytes / gb:.4f} GB, outputs "
+          f"{m.output_size_in_bytes / gb:.4f} GB, aliased {m.alias_size_in_bytes / gb:.4f} GB, "
+          f"temporaries {m.temp_size_in_bytes / gb:.4f} GB")
 
 
 def peak_memory_gb(devices: Sequence) -> float | None:
-  """The allocator's peak bytes in use over `devices`, in GB (1e9); None where not reported (CPU)."""
+  """The allocator's peak bytes in use over `devices`, in GB (1e9); None where unreported (CPU)."""
   peaks = []
   for device in devices:
     try:
@@ -288,7 +288,8 @@ def run_jax(args: argparse.Namespace) -> dict:
     if not args.donate:
       step_fn = _without_donation(executor, config, task)
     start = time.perf_counter()
-    compiled = step_fn.lower(state, batch, rng).compile()
+    lowered = step_fn.lower(state, batch, rng)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     call = lambda s: compiled(s, batch, rng)
   else:
@@ -297,17 +298,21 @@ def run_jax(args: argparse.Namespace) -> dict:
     forward = jax.pmap(forward) if config.parallel == "pmap" else jax.jit(forward)
     variables = variables_of(state)
     start = time.perf_counter()
-    compiled = forward.lower(variables, batch["image"]).compile()
+    lowered = forward.lower(variables, batch["image"])
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     # The state is passed through unchanged so the timing loop is the same for both modes.
     call = lambda s: (s, compiled(variables, batch["image"]))
 
   step_s, _ = _time_compiled(call, state, args)
-  flops = flops_of(compiled)
+  # The compiled module's count; where a backend leaves an op uncounted (a library call it
+  # cannot see into), the count falls to 0 and the unoptimised module's count stands in.
+  flops = flops_of(compiled) or flops_of(lowered)
   devices = jax.devices()[: executor.num_devices]
   kind = devices[0].device_kind
-  print(f"# jax {args.model} {args.mode}: {flops or 0:.4g} FLOPs/step per device; XLA memory "
-        f"estimate: {_memory_note(compiled)}", file=sys.stderr)
+  print(f"# jax {args.model} {args.mode}: {flops_of(compiled) or 0:.4g} FLOPs/step per device "
+        f"compiled ({flops_of(lowered) or 0:.4g} before optimisation); XLA memory estimate: "
+        f"{_memory_note(compiled)}", file=sys.stderr)
   return result_row(
       model=args.model, framework="jax", mode=args.mode, batch_size=args.batch_size,
       dtype=args.dtype, images_per_sec=args.batch_size / step_s, step_ms=1000.0 * step_s,
@@ -359,12 +364,13 @@ def run_torch(args: argparse.Namespace) -> dict:
   import importlib.util
 
   if importlib.util.find_spec("torch") is None:
-    raise ValueError("--compare torch: PyTorch is not installed in this environment (pip install torch)")
+    raise ValueError("--compare torch: PyTorch is not installed here (pip install torch)")
   proc = subprocess.run(torch_command(args), capture_output=True, text=True, check=False)
   sys.stderr.write(proc.stderr)
   if proc.returncode:
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    raise ValueError(f"--compare torch: the PyTorch side failed: {lines[-1] if lines else proc.returncode}")
+    last = lines[-1] if lines else f"exit status {proc.returncode}"
+    raise ValueError(f"--compare torch: the PyTorch side failed: {last}")
   rows = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
   if not rows:
     raise ValueError("--compare torch: the PyTorch side printed no result")
@@ -398,10 +404,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                  help="computation dtype; parameters stay float32 (default: %(default)s)")
   p.add_argument("--mode", choices=("train", "infer"), default="train",
-                 help="train: a full optimizer step; infer: the forward pass (default: %(default)s)")
+                 help="train: a full optimizer step; infer: the forward pass "
+                      "(default: %(default)s)")
   p.add_argument("--compare", choices=("torch",), default=None,
                  help="also run the same model in PyTorch, then print the ratio")
-  p.add_argument("--steps", type=int, default=10, help="timed steps per window (default: %(default)s)")
+  p.add_argument("--steps", type=int, default=10,
+                 help="timed steps per window (default: %(default)s)")
   p.add_argument("--repeats", type=int, default=3,
                  help="timed windows; the median window is reported (default: %(default)s)")
   p.add_argument("--warmup", type=int, default=2,

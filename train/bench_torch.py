@@ -1,4 +1,4 @@
-"""python -m train.bench_torch: the PyTorch side of train.bench (same model, batch, optimizer, loss).
+"""python -m train.bench_torch: the PyTorch side of train.bench (same model, batch, optimizer).
 
     python -m train.bench_torch --model resnet50 --batch-size 256 --dtype bfloat16 --compile on
 

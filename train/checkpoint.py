@@ -162,7 +162,8 @@ def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
 
 
 def _first_difference(saved: dict, wanted: dict) -> str:
-  for name in sorted(set(saved) | set(wanted)):
+  # Parameters first: they say what changed (the optimizer state only follows them).
+  for name in sorted(set(saved) | set(wanted), key=lambda n: (not n.startswith("params/"), n)):
     if name not in wanted:
       return f"it holds {name} {saved[name]}, which this run does not have"
     if name not in saved:

@@ -56,4 +56,39 @@ def validate(config) -> None:
     try:
       re.compile(config.freeze)
     except re.error as e:
-      raise ValueError(f"config.freeze={config.freeze!r} is not a regular expression: {e}") from None
+      raise ValueError(
+          f"config.freeze={config.freeze!r} is not a regular expression: {e}") from None
+
+
+def check_model_fits(model, config, input_shape: tuple[int, ...]) -> None:
+  """A one-line error when the model cannot take the data's images, or its output fits no task.
+
+  Runs the model abstractly (jax.eval_shape: no compute), so a mismatch is reported before
+  anything is compiled or written, and names the model and the input instead of surfacing
+  as a broadcasting error deep inside the loss.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  where = (f"input of shape {tuple(input_shape)} (dataset {config.dataset!r}, "
+           f"image_size={config.image_size})")
+  key = jax.random.key(0)
+  x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+  try:
+    out, _ = jax.eval_shape(
+        lambda x: model.init_with_output({"params": key, "dropout": key}, x, train=False), x)
+  except (ValueError, TypeError, IndexError, AssertionError) as e:
+    reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    raise ValueError(f"model {config.model!r} cannot take {where}: {reason}") from None
+  logits = out[0] if isinstance(out, (tuple, list)) else out
+  shape, k = tuple(getattr(logits, "shape", ())), int(config.num_classes)
+  if config.task == "classification" and (len(shape) != 2 or shape[-1] != k):
+    raise ValueError(
+        f"model {config.model!r} outputs shape {shape} for {where}, but classification needs "
+        f"{k} class scores per image, (N, {k})"
+        + ("; this is a segmentation model" if len(shape) == 4 else ""))
+  if config.task == "segmentation" and (len(shape) != 4 or shape[-1] not in (k, 1)):
+    raise ValueError(
+        f"model {config.model!r} outputs shape {shape} for {where}, but segmentation needs "
+        f"per-pixel logits (N, H, W, {k})"
+        + ("; choose a segmentation model such as unet_tiny" if len(shape) == 2 else ""))

@@ -17,7 +17,7 @@ from jaxvision.data import create_input
 from jaxvision.models import create_model
 from jaxvision.tasks import get_task
 from train import checkpoint as ckpt
-from train.configuration import validate
+from train.configuration import check_model_fits, validate
 from train.optim import create_optimizer, create_schedule
 from train.parallel import create_executor, prefetch_to_device
 from train.report import Reporter
@@ -94,7 +94,10 @@ def evaluate(executor, state, eval_input, task, prefetch: int) -> dict[str, floa
 
 
 def _check_workdir(workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise PermissionError(f"workdir {workdir} cannot be created: {e.strerror or e}") from None
   if not os.access(workdir, os.W_OK):
     raise PermissionError(f"workdir {workdir} is not writable")
 
@@ -123,12 +126,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   task = get_task(config.task, num_classes=config.num_classes, config=config)
   tx = create_optimizer(config, total_steps)
   input_shape = _peek_input_shape(train_input)
+  check_model_fits(model, config, input_shape)
   executor = create_executor(config, model, tx, task, input_shape)
 
   if is_main:
     _check_workdir(workdir)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   manager = ckpt.create_manager(
       os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
       best_metric=config.best_metric if eval_input is not None else "", best_mode=config.best_mode,
@@ -136,6 +138,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   state, start_step, _ = ckpt.restore_latest(
       manager, executor.abstract_checkpoint, model=config.model
   )
+  if is_main:  # only now: a run that refuses the workdir's checkpoint leaves its config alone
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   base_key = jax.random.key(config.seed)
   if state is None:
     state = executor.init_state(jax.random.fold_in(base_key, 0x1217))

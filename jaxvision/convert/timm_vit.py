@@ -124,7 +124,8 @@ def assemble(
   """Builds `model`'s params from `source(path)` (None when absent) with a strict check.
 
   Raises one ValueError that names every missing key (as `key_name(path)`), unexpected key
-  (`unused()` after all paths were read) and shape mismatch. A learned `pos_embed` on another grid is resampled (bilinear).
+  (`unused()` after all paths were read) and shape mismatch (in jaxvision's layout). A learned
+  `pos_embed` on another grid is resampled (bilinear).
   """
   expected = expected_params(model)
   flat, missing, wrong = {}, [], []
@@ -176,7 +177,7 @@ def from_torch(name: str, state_dict: dict[str, Any], **model_kwargs) -> dict:
 
 
 def to_torch(name: str, variables: dict) -> dict[str, np.ndarray]:
-  """jaxvision ViT variables (or params; loop or scan layout) -> a timm state dict of numpy arrays."""
+  """jaxvision ViT variables or params (loop or scan layout) -> a timm state dict (numpy)."""
   del name  # the names carry everything; kept for the dispatcher's signature
   params = variables.get("params", variables)
   if "blocks" in params:

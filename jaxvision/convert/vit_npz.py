@@ -77,7 +77,8 @@ class _Reader:
       reshape = (lambda v: v.reshape(-1, v.shape[-1])) if leaf == "kernel" else (lambda v: v)
       return self.many(keys, layer, lambda vs: reshape(vs[0]))
     if leaf == "kernel":
-      return self.many(keys, layer, lambda vs: np.concatenate([_split_heads_kernel(v) for v in vs], 1))
+      return self.many(keys, layer,
+                       lambda vs: np.concatenate([_split_heads_kernel(v) for v in vs], 1))
     return self.many(keys, layer, lambda vs: np.concatenate([v.reshape(-1) for v in vs]))
 
   def source(self, path: Path) -> np.ndarray | None:
@@ -140,7 +141,8 @@ def from_vit_npz(
   reader = _Reader(npz)
   if isinstance(name_or_model, VisionTransformer):
     if model_kwargs:
-      raise ValueError(f"from_vit_npz: model_kwargs {sorted(model_kwargs)} given with a built model")
+      raise ValueError(f"from_vit_npz: model_kwargs {sorted(model_kwargs)} given with a built "
+                       "model; put them in the model")
     model, what = name_or_model, "ViT .npz checkpoint"
   else:
     model = create_model(name_or_model, **_infer_kwargs(reader, model_kwargs))

@@ -43,27 +43,48 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
 
 
 class Normalize:
-  """Per-channel normalization, `Normalize(mean, std)(image)`, for float images in [0, 1].
+  """Per-channel normalization, `Normalize(mean, std)(image)`, in the units of [0, 1] images.
+
+  uint8 images (0..255) are scaled to [0, 1] in the same pass: one fused multiply-add per pixel
+  instead of four passes over a float copy (the difference shows at 224 px; see BENCHMARKS.md).
 
   Attributes:
     mean: per-channel means (one value applies to every channel).
     std: per-channel standard deviations.
+    workers: threads sharing a large batch (NumPy releases the GIL in the arithmetic).
   """
 
-  def __init__(self, mean: Sequence[float], std: Sequence[float]):
+  def __init__(self, mean: Sequence[float], std: Sequence[float], workers: int = 1):
     if len(mean) != len(std) or not len(mean):
       raise ValueError(f"Normalize: mean {tuple(mean)} and std {tuple(std)} differ in length")
     if min(std) <= 0:
       raise ValueError(f"Normalize: std {tuple(std)} must be positive")
     self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    self.workers = workers
 
   def __call__(self, image: np.ndarray) -> np.ndarray:
-    channels = np.shape(image)[-1] if np.ndim(image) else 1
+    image = np.asarray(image)
+    channels = image.shape[-1] if image.ndim else 1
     if len(self.mean) not in (1, channels):
       raise ValueError(
           f"normalization has {len(self.mean)} channels but the images have {channels}"
       )
-    return normalize(image, self.mean, self.std)
+    mean, std = np.asarray(self.mean, np.float64), np.asarray(self.std, np.float64)
+    scale = (1.0 / (std * 255.0) if image.dtype == np.uint8 else 1.0 / std).astype(np.float32)
+    offset = (-mean / std).astype(np.float32)
+    out = np.empty(image.shape[:-1] + (max(channels, len(self.mean)),), np.float32)
+
+    def rows(chunk: slice):
+      np.multiply(image[chunk], scale, out=out[chunk], dtype=np.float32, casting="unsafe")
+      out[chunk] += offset
+
+    if self.workers > 1 and image.ndim == 4 and image.nbytes >= 1 << 22:
+      bounds = np.linspace(0, len(image), self.workers + 1).astype(int)
+      parallel_map(rows, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
+                   self.workers)
+    else:
+      rows(slice(None))
+    return out
 
 
 def to_float(image: np.ndarray) -> np.ndarray:
@@ -181,7 +202,11 @@ def _channels(item) -> int:
 
 def _flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   mask = rng.random(len(images)) < 0.5
-  return np.where(mask[:, None, None, None], images[:, :, ::-1], images)
+  # A plain copy, then only the chosen examples mirrored: a whole-batch np.where costs a
+  # strided read of every pixel (3x slower at 224 px). The copy keeps the caller's arrays intact.
+  images = images.copy()
+  images[mask] = images[mask][:, :, ::-1]
+  return images
 
 
 def classification_transform(
@@ -189,8 +214,8 @@ def classification_transform(
 ) -> Transform:
   """The classification transform: crop/resize, pad-crop, flip, RandAugment, normalize, erase."""
   ops = parse_augment(setting(data_config, "augment", ""), "classification") if train else {}
-  norm = Normalize(*normalization(data_config.normalize))
   workers = default_workers(int(setting(data_config, "workers", 0)))
+  norm = Normalize(*normalization(data_config.normalize), workers=workers)
   skip_bad = bool(setting(data_config, "skip_bad", False))
   eval_crop = float(setting(data_config, "eval_crop", 0.875))
   if not 0 < eval_crop <= 1:
@@ -240,7 +265,7 @@ def classification_transform(
       images = _pad_crop(np.asarray(images), int(ops["pad_crop"][0]), rng)
     if "flip" in ops:
       images = _flip(np.asarray(images), rng)
-    images = norm(to_float(np.asarray(images)))
+    images = norm(images)
     if "erase" in ops and ops["erase"][0] > 0:
       p = ops["erase"][0]
       images = np.stack([_random_erase(x, r, p) for x, r in zip(images, rng.spawn(b), strict=True)])
@@ -279,7 +304,7 @@ def segmentation_transform(data_config, *, train: bool, image_size: int | None) 
   def transform(batch, rng):
     images, labels = batch["image"], batch["label"]
     if not ops and not (train and image_size):
-      return {**batch, "image": norm(to_float(images))}
+      return {**batch, "image": norm(images)}
     rngs = rng.spawn(len(labels))
     pairs = parallel_map(lambda i: one(images[i], labels[i], rngs[i]), range(len(labels)), workers)
     return {

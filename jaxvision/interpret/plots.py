@@ -66,6 +66,16 @@ def _grid_shape(n: int, ncols: int) -> tuple[int, int]:
   return math.ceil(n / ncols), ncols
 
 
+def _finish(fig, title: str | None, fontsize: int) -> None:
+  """tight_layout that leaves room for the figure title (which it would otherwise overlap)."""
+  if title:
+    fig.suptitle(title, fontsize=fontsize)
+    height = fig.get_size_inches()[1]
+    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 1 - 0.3 / height))
+  else:
+    fig.tight_layout(pad=0.3)
+
+
 def _axes_off(ax) -> None:
   ax.set_xticks([])
   ax.set_yticks([])
@@ -92,9 +102,7 @@ def overlay_grid(
     ax.imshow(heatmaps[i], cmap=cmap, alpha=alpha, vmin=0, vmax=1)
     if titles is not None:
       ax.set_title(titles[i], fontsize=7)
-  if suptitle:
-    fig.suptitle(suptitle, fontsize=9)
-  fig.tight_layout(pad=0.3)
+  _finish(fig, suptitle, 9)
   return fig
 
 
@@ -134,9 +142,7 @@ def overlay_table(
       ax.imshow(maps[i, j] / peak, cmap=cmap, alpha=alpha, vmin=0, vmax=1)
       if col_labels is not None and i == 0:
         ax.set_title(col_labels[j], fontsize=7)
-  if title:
-    fig.suptitle(title, fontsize=9)
-  fig.tight_layout(pad=0.3)
+  _finish(fig, title, 9)
   return fig
 
 
@@ -220,8 +226,11 @@ def confusion_figure(
   bars.set_yticks(y, [f"{n} (n={s})" for n, s in zip(names, stats["support"])], fontsize=7)
   bars.invert_yaxis()
   bars.set_xlim(0, 1.0)
-  bars.set_xlabel("per class")
-  bars.legend(fontsize=7, loc="lower left")
+  for i, (p, r) in enumerate(zip(stats["precision"], stats["recall"])):
+    for value, dy in ((p, -0.2), (r, 0.2)):
+      if not np.isnan(value):
+        bars.text(0.01, i + dy, f"{value:.3f}", va="center", fontsize=6, color="white")
+  bars.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
   bars.set_title("precision and recall", fontsize=8)
   fig.tight_layout(pad=0.5)
   return fig
@@ -229,7 +238,7 @@ def confusion_figure(
 
 def read_metrics(path: str) -> list[dict]:
   """The rows of a run's metrics.jsonl (a file, or the workdir that holds it)."""
-  if os.path.isdir(path):
+  if os.path.isdir(path) or not path.endswith(".jsonl"):
     path = os.path.join(path, "metrics.jsonl")
   if not os.path.exists(path):
     raise FileNotFoundError(f"no metrics file {path}")
@@ -275,9 +284,7 @@ def curves_figure(rows: list[dict], *, metrics: Sequence[str] | None = None, dpi
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  if title:
-    fig.suptitle(title, fontsize=10)
-  fig.tight_layout(pad=0.5)
+  _finish(fig, title, 10)
   return fig
 
 

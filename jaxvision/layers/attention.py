@@ -47,7 +47,7 @@ def explicit_attention(weights: jax.Array, value: jax.Array) -> jax.Array:
 
 
 def fused_attention(query, key, value, implementation: str | None = None) -> jax.Array:
-  """`jax.nn.dot_product_attention` on (B, T, H, d) inputs; implementation None | 'xla' | 'cudnn'."""
+  """`jax.nn.dot_product_attention` on (B, T, H, d); implementation None | 'xla' | 'cudnn'."""
   return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
 
 

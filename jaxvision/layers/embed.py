@@ -70,7 +70,7 @@ def _sincos_1d(positions: np.ndarray, width: int, temperature: float) -> np.ndar
 
 
 def sincos_posemb_1d(length: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
-  """Fixed 1-D embedding PE(pos, 2i) = sin(pos / T^(2i/D)), PE(pos, 2i+1) = cos(...); (length, D)."""
+  """(length, D) embedding: PE(pos, 2i) = sin(pos / T^(2i/D)), PE(pos, 2i+1) = cos(...)."""
   if width % 2:
     raise ValueError(f"sin-cos 1-D position embedding needs an even width, got {width}")
   return _sincos_1d(np.arange(length, dtype=np.float64), width, temperature).astype(np.float32)
@@ -91,7 +91,9 @@ def sincos_posemb_2d(
   return np.concatenate([pe_y, pe_x], axis=1).astype(np.float32)
 
 
-def fixed_posemb(kind: str, grid: tuple[int, int], width: int, num_prefix_tokens: int) -> np.ndarray:
+def fixed_posemb(
+    kind: str, grid: tuple[int, int], width: int, num_prefix_tokens: int
+) -> np.ndarray:
   """(1, prefix + rows*cols, D) sin-cos embedding; prefix tokens (class token) get zeros."""
   n = grid[0] * grid[1]
   if kind == "sincos1d":

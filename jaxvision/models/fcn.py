@@ -136,7 +136,8 @@ class FCN(nn.Module):
                             name=f"score_layer{stage}", **kw)(skip)
       scores = up[:, :skip.shape[1], :skip.shape[2]] + skip_scores
       self.sow("intermediates", f"scores{stride}", scores)
-    out = BilinearUpsample(self.stride, self.learn_final_upsample, name="upsample_out", **kw)(scores)
+    out = BilinearUpsample(self.stride, self.learn_final_upsample, name="upsample_out",
+                           **kw)(scores)
     return out[:, :height, :width]
 
 

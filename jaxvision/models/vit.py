@@ -161,8 +161,11 @@ class VisionTransformer(nn.Module):
     rates = np.linspace(0.0, self.drop_path, self.depth)
 
     if self.scan:
+      # Without stochastic depth the per-layer rate is left out, so no 'dropout' rng is needed.
+      per_layer = bool(self.drop_path)
+
       def body(mdl, carry, rate):
-        return mdl(carry, rate, train=train), None
+        return mdl(carry, rate if per_layer else None, train=train), None
 
       if self.remat:
         body = nn.remat(body, prevent_cse=False)  # scan already keeps XLA from merging layers

@@ -44,12 +44,21 @@ def boundaries(classes: np.ndarray) -> np.ndarray:
   return edge
 
 
+def class_map(logits: np.ndarray) -> np.ndarray:
+  """[..., K] logits -> int32 classes (one channel: a sigmoid logit, class 1 where > 0)."""
+  if logits.shape[-1] == 1:
+    return (logits[..., 0] > 0).astype(np.int32)
+  return logits.argmax(-1).astype(np.int32)
+
+
 def _center_crop(x: np.ndarray, h: int, w: int) -> np.ndarray:
   top, left = (x.shape[0] - h) // 2, (x.shape[1] - w) // 2
   return x[top:top + h, left:left + w]
 
 
-def overlay_panels(image: np.ndarray, label: np.ndarray | None, prediction: np.ndarray) -> np.ndarray:
+def overlay_panels(
+    image: np.ndarray, label: np.ndarray | None, prediction: np.ndarray
+) -> np.ndarray:
   """[h, 3w, 3] uint8: image | prediction tint + boundaries | errors (red)."""
   h, w = prediction.shape
   base = to_display(_center_crop(image, h, w)).astype(np.float32)
@@ -73,8 +82,7 @@ def save_overlays(
   """
   predictions = np.asarray(predictions)
   if predictions.ndim == 4:
-    predictions = (predictions[..., 0] > 0 if predictions.shape[-1] == 1
-                   else predictions.argmax(-1)).astype(np.int32)
+    predictions = class_map(predictions)
   if predictions.ndim != 3 or len(predictions) != len(images):
     raise ValueError(f"predictions of shape {predictions.shape} do not match {len(images)} images")
   if labels is not None and len(labels) != len(images):
@@ -112,7 +120,7 @@ def predict_and_save_overlays(
     ])
   else:
     logits = predict_tiled(apply_fn, images, tile, margin, batch_size=batch_size)
-  predictions = (logits[..., 0] > 0 if logits.shape[-1] == 1 else logits.argmax(-1)).astype(np.int32)
+  predictions = class_map(logits)
   paths = save_overlays(path_prefix, images, labels, predictions)
   metrics: dict[str, float] = {}
   if labels is not None:

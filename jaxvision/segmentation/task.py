@@ -46,9 +46,9 @@ class SegmentationTask:
       raise ValueError(f"segmentation needs num_classes >= 2, got {self.num_classes}")
     for term in self.loss_terms:
       if term not in LOSS_TERMS:
-        raise ValueError(f"seg.loss term {term!r} is unknown; choose from {LOSS_TERMS} joined by '+'")
+        raise ValueError(f"seg.loss term {term!r} is unknown; join terms of {LOSS_TERMS} by '+'")
     if not self.loss_terms:
-      raise ValueError("seg.loss is empty; choose from 'cross_entropy', 'bce', 'dice' joined by '+'")
+      raise ValueError(f"seg.loss is empty; join terms of {LOSS_TERMS} by '+'")
     if self.class_weights is not None and len(self.class_weights) != self.num_classes:
       raise ValueError(f"seg.class_weights has {len(self.class_weights)} values for "
                        f"{self.num_classes} classes")

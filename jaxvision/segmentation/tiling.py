@@ -72,7 +72,7 @@ def predict_tiled(
                        f"{th}x{tw} (valid) or {th + 2 * mh}x{tw + 2 * mw} (same)")
     if out is None:
       out = np.zeros((b, ny * th, nx * tw, logits.shape[-1]), np.float32)
-    for (i, y, x), piece in zip(chunk, logits):
+    for (i, y, x), piece in zip(chunk, logits, strict=True):
       out[i, y:y + th, x:x + tw] = piece
   out = out[:, :h, :w]
   return out[0] if single else out

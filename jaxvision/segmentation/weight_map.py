@@ -1,4 +1,4 @@
-"""The U-Net paper's pixel weight map (host-side numpy), which emphasises thin borders between cells.
+"""The U-Net paper's pixel weight map (host-side numpy): it emphasises thin borders between cells.
 
     w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))**2 / (2 * sigma**2))
 
@@ -16,7 +16,7 @@ from scipy import ndimage
 
 
 def class_balance_weights(mask: np.ndarray, num_classes: int) -> np.ndarray:
-  """w_c per pixel: N / (K_present * N_k) for the pixel's class k, so its mean over the image is 1."""
+  """w_c per pixel: N / (K_present * N_k) for the pixel's class k (its mean over the image is 1)."""
   counts = np.bincount(mask.ravel().clip(0, num_classes - 1), minlength=num_classes)
   present = np.count_nonzero(counts)
   weights = np.where(counts > 0, mask.size / (max(present, 1) * np.maximum(counts, 1)), 0.0)
@@ -36,9 +36,8 @@ def nearest_two_distances(cells: np.ndarray, reach: float) -> tuple[np.ndarray, 
   for i, box in enumerate(ndimage.find_objects(labels), start=1):
     if box is None:
       continue
-    window = tuple(
-        slice(max(s.start - r, 0), min(s.stop + r, size)) for s, size in zip(box, cells.shape)
-    )
+    window = tuple(slice(max(s.start - r, 0), min(s.stop + r, size))
+                   for s, size in zip(box, cells.shape, strict=True))
     d = ndimage.distance_transform_edt(labels[window] != i).astype(np.float32)
     d[d > reach] = np.inf
     w1, w2 = d1[window], d2[window]

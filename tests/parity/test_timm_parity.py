@@ -8,10 +8,10 @@ collects nothing (it does not pass). Regenerate them with that script wherever t
 import json
 
 import jax
+import make_timm_goldens as gen
 import numpy as np
 import pytest
 
-import make_timm_goldens as gen
 from jaxvision.convert import to_torch
 from jaxvision.models import create_model
 from jaxvision.models.vit import stack_blocks

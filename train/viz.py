@@ -1,0 +1,218 @@
+"""python -m train.viz KIND --workdir DIR [options]: figures of a trained run, as PNG files.
+
+KIND is one of
+  gradcam       Grad-CAM heat maps over eval images (any CNN; --layer picks the layer)
+  attention     a ViT's class-token attention, one table of blocks x heads per eval image
+  rollout       a ViT's attention rollout over eval images
+  posemb        a ViT's position-embedding cosine similarities (no data needed)
+  confusion     confusion matrix with per-class precision and recall over the eval split
+  curves        training curves from WORKDIR/metrics.jsonl (no checkpoint needed)
+  segmentation  image | mask | prediction | errors for eval images of a segmentation run
+
+The run is rebuilt from WORKDIR/config.json and its latest checkpoint (or --step); the data is
+the run's eval split (or --split). Figures go to --out (default WORKDIR/viz) and their paths are
+printed. Matplotlib is needed: pip install 'jaxvision[viz]'.
+
+    python -m train.viz curves --workdir /tmp/lenet_digits
+    python -m train.viz gradcam --workdir /tmp/lenet_digits --num 16 --layer conv2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+
+KINDS = ("gradcam", "attention", "rollout", "posemb", "confusion", "curves", "segmentation")
+
+
+def load_config(workdir: str):
+  """The run's resolved config (WORKDIR/config.json) as a ConfigDict."""
+  import ml_collections
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: --workdir must be a trainer workdir")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_model(workdir: str, config, step: int | None = None):
+  """(model, variables) of the run at `step` (default: the latest checkpoint)."""
+  from train.checkpoint import restore_params
+  from train.loop import build_model
+
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{directory} not found: the run has no checkpoint yet")
+  params, batch_stats = restore_params(directory, step)
+  variables = {"params": params}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+  return build_model(config), variables
+
+
+def eval_examples(config, split: str, num: int | None) -> dict[str, np.ndarray]:
+  """The first `num` examples (all when None) of `split`, transformed as the run evaluates them."""
+  from jaxvision.data import create_input
+
+  data = create_input(config, split, train=False)
+  parts, total = [], 0
+  for batch in data.eval_batches():
+    keep = np.asarray(batch["valid"], bool)
+    parts.append({k: np.asarray(v)[keep] for k, v in batch.items() if k in ("image", "label")})
+    total += int(keep.sum())
+    if num is not None and total >= num:
+      break
+  if not parts or total == 0:
+    raise ValueError(f"split {split!r} of {config.dataset} has no examples")
+  out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  return {k: v[:num] for k, v in out.items()} if num is not None else out
+
+
+def _predict(model, variables, images: np.ndarray, batch_size: int) -> np.ndarray:
+  import jax
+
+  apply = jax.jit(lambda x: model.apply(variables, x, train=False))
+  outputs = []
+  for i in range(0, len(images), batch_size):
+    out = apply(images[i:i + batch_size])
+    outputs.append(np.asarray(out["logits"] if isinstance(out, dict) else out, np.float32))
+  return np.concatenate(outputs)
+
+
+def _class_names(n: int) -> list[str]:
+  return [str(i) for i in range(n)]
+
+
+def run(kind: str, args) -> list[str]:
+  """Draws figure `kind` for the run in args.workdir; returns the written paths."""
+  from jaxvision.interpret import plots
+
+  out = args.out or os.path.join(args.workdir, "viz")
+  if kind == "curves":
+    rows = plots.read_metrics(args.workdir)
+    metrics = args.metrics.split(",") if args.metrics else None
+    fig = plots.curves_figure(rows, metrics=metrics, dpi=args.dpi, title=args.workdir)
+    return [plots.save_figure(fig, os.path.join(out, "curves.png"))]
+
+  config = load_config(args.workdir)
+  model, variables = load_model(args.workdir, config, args.step)
+  if kind == "posemb":
+    from jaxvision.interpret.posemb import model_posemb, posemb_similarity
+
+    rows, cols = model.grid if hasattr(model, "grid") else (None, None)
+    if rows is None:
+      raise ValueError(f"posemb needs a ViT; the run's model is {config.model!r}")
+    sim = posemb_similarity(model_posemb(model, variables["params"]), (rows, cols))
+    marks = np.stack(np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij"), -1)
+    fig = plots.heatmap_grid(
+        sim, vmin=-1, vmax=1, cmap="viridis", marks=marks, dpi=args.dpi,
+        cell_inches=min(0.9, 9.0 / cols), colorbar="cosine similarity",
+        title=f"{config.model}: position-embedding similarity ({rows}x{cols} patches)")
+    return [plots.save_figure(fig, os.path.join(out, "posemb.png"))]
+
+  split = args.split or config.eval_split or config.train_split
+  num = None if kind == "confusion" else args.num
+  data = eval_examples(config, split, num)
+  batch = int(config.get("eval_batch_size") or config.batch_size)
+  images = data["image"]
+
+  if kind == "confusion":
+    from jaxvision.interpret.confusion import confusion_matrix, per_class_metrics
+
+    logits = _predict(model, variables, images, batch)
+    confusion = confusion_matrix(data["label"], logits.argmax(-1), logits.shape[-1])
+    stats = per_class_metrics(confusion)
+    print(json.dumps({k: [None if np.isnan(x) else round(float(x), 4) for x in v]
+                      for k, v in stats.items() if k != "support"}
+                     | {"support": [int(x) for x in stats["support"]]}))
+    fig = plots.confusion_figure(confusion, class_names=_class_names(logits.shape[-1]),
+                                 dpi=args.dpi, title=f"{config.model} on {split}")
+    return [plots.save_figure(fig, os.path.join(out, "confusion.png"))]
+
+  if kind == "gradcam":
+    from jaxvision.interpret.gradcam import gradcam
+
+    result = gradcam(model, variables, images, layer=args.layer or None,
+                     class_index=args.class_index)
+    predicted = np.asarray(result.class_index)
+    titles = [f"label {y} / cam {p}" for y, p in zip(data["label"], predicted)]
+    fig = plots.overlay_grid(images, np.asarray(result.heatmaps), titles=titles, dpi=args.dpi,
+                             suptitle=f"Grad-CAM of {config.model} at layer {result.layer}")
+    return [plots.save_figure(fig, os.path.join(out, "gradcam.png"))]
+
+  if kind in ("attention", "rollout"):
+    from jaxvision.interpret import attention
+
+    weights = attention.attention_weights(model, variables, images)
+    size = images.shape[1:3]
+    prefix = model.num_prefix_tokens
+    if kind == "rollout":
+      maps = attention.rollout_map(attention.attention_rollout(weights), model.grid, prefix)
+      fig = plots.overlay_grid(images, np.asarray(attention.upsample(maps, size)), dpi=args.dpi,
+                               titles=[f"label {y}" for y in data["label"]],
+                               suptitle=f"attention rollout of {config.model}")
+      return [plots.save_figure(fig, os.path.join(out, "rollout.png"))]
+    cls = np.asarray(attention.upsample(attention.cls_attention(weights, model.grid, prefix), size))
+    paths = []
+    for i in range(len(images)):
+      table = cls[:, i]  # (blocks, heads, H, W)
+      fig = plots.overlay_table(
+          images[i], table, row_labels=[f"block {b}" for b in range(table.shape[0])],
+          col_labels=[f"head {h}" for h in range(table.shape[1])], dpi=args.dpi,
+          title=f"{config.model}: class-token attention, example {i} (label {data['label'][i]})")
+      paths.append(plots.save_figure(fig, os.path.join(out, f"attention_{i:03d}.png")))
+    return paths
+
+  if kind == "segmentation":
+    logits = _predict(model, variables, images, batch)
+    fig = plots.segmentation_figure(images, data["label"], logits,
+                                    num_classes=int(config.num_classes), dpi=args.dpi)
+    return [plots.save_figure(fig, os.path.join(out, "segmentation.png"))]
+  raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  """The command line of `python -m train.viz`."""
+  parser = argparse.ArgumentParser(
+      prog="python -m train.viz", description=__doc__.split("\n\n")[0],
+      epilog=__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("kind", choices=KINDS, help="which figure to draw")
+  parser.add_argument("--workdir", required=True, help="trainer workdir (config.json, checkpoints/)")
+  parser.add_argument("--out", default="", help="output directory (default WORKDIR/viz)")
+  parser.add_argument("--split", default="", help="data split (default: the run's eval split)")
+  parser.add_argument("--num", type=int, default=16, help="examples to draw (not for confusion)")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  parser.add_argument("--layer", default="", help="gradcam: layer path (default: last feature map)")
+  parser.add_argument("--class-index", type=int, default=None,
+                      help="gradcam: class to explain (default: the predicted one)")
+  parser.add_argument("--metrics", default="", help="curves: comma-separated metric names")
+  parser.add_argument("--dpi", type=int, default=100, help="pixels per inch of the PNG files")
+  args = parser.parse_args(argv)
+  if args.num < 1:
+    parser.error(f"--num={args.num} must be >= 1")
+  return args
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Entry point: writes the figure(s), prints their paths; one-line errors, exit status 2."""
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only notices are not news
+  try:
+    paths = run(args.kind, args)
+  except (ValueError, FileNotFoundError, ImportError) as e:
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+  for path in paths:
+    print(path)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
