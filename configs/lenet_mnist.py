@@ -2,14 +2,17 @@
 
     python -m train --config configs/lenet_mnist.py --workdir /tmp/lenet_mnist
 
-reads `tfds:mnist` (60,000 train / 10,000 test). Offline, the 10,000 official test digits as
-IDX files split 8,000 / 2,000 give the same recipe a held-out set:
+reads `tfds:mnist` (60,000 train / 10,000 test; not measured: our machines cannot download it).
+Offline, the 10,000 official test digits as IDX files, split 8,000 / 2,000, give the same recipe
+a held-out set:
 
     python -m train --config configs/lenet_mnist.py --workdir /tmp/lenet_mnist_idx \\
         --config.dataset=idx:../shared/data/mnist \\
         --config.train_split='test[:8000]' --config.eval_split='test[8000:]'
 
-Measured result: see BENCHMARKS.md / the issue report (eval accuracy and wall time on a 2-core CPU).
+Measured (2026-11-24, the offline command above, 2-core CPU shared with other jobs, load
+average ~14): eval accuracy 0.9875 on test[8000:] after 12 epochs (1,500 steps), 100.6 s wall
+clock, 34.4 s of CPU time.
 """
 
 from configs import base

@@ -166,3 +166,15 @@ def test_importing_jaxvision_and_local_sources_never_imports_tensorflow():
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_variable_size_dataset_streams_under_mock_data():
+  with tfds.testing.mock_data(num_examples=6):
+    config = config_for("tfds:imagenet2012", augment="inception_crop,flip,randaug(2,9),erase(0.25)",
+                        normalize="imagenet")
+    train = create_input(config, "train", train=True)
+    evaluation = create_input(config, "validation", train=False)
+    assert isinstance(train, jv_tfds.TfdsStream) and train.num_classes == 1000
+    batch = next(iter(train.train_batches(0)))
+    assert batch["image"].shape == (4, 8, 8, 3) and batch["image"].dtype == np.float32
+    assert sum(int(b["valid"].sum()) for b in evaluation.eval_batches()) == 6

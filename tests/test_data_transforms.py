@@ -275,3 +275,23 @@ def test_jitter_changes_only_the_image():
   out = seg.jitter(image, np.random.default_rng(0), 0.2)
   assert out.shape == image.shape and not np.allclose(out, image)
   assert out.min() >= 0 and out.max() <= 1
+
+
+def test_input_benchmark_runs_on_tiny_images():
+  from jaxvision.data.bench import measure, stage_costs, synthetic_jpegs
+
+  jpegs = synthetic_jpegs(2, 64, 48)
+  result = measure(jpegs, size=32, batch=4, workers=2, seconds=0.05)
+  assert result["images_per_sec"] > 0 and result["images_per_cpu_sec"] > 0
+  assert set(stage_costs(jpegs, size=32, batch=4, repeats=1)["stage_cpu_ms_per_image"]) == {
+      "jpeg_decode_full", "decode_inception_crop_resize", "flip", "normalize"}
+
+
+def test_eval_keeps_images_that_already_have_the_target_size():
+  rng = np.random.default_rng(0)
+  exact = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+  larger = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+  fn = build_transform(data_config(), train=False, task="classification", image_size=8)
+  out = fn({"image": [exact, larger], "label": np.zeros(2)}, np.random.default_rng(0))["image"]
+  np.testing.assert_allclose(out[0], exact / 255, atol=1e-6)
+  assert out.shape == (2, 8, 8, 3)

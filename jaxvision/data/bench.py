@@ -1,6 +1,7 @@
 """Throughput of the host input pipeline for ImageNet-style training augmentation.
 
     python -m jaxvision.data.bench [--size 224] [--batch 64] [--seconds 10] [--workers 1,2]
+                                   [--stages]
 
 Generates JPEGs of 500x375 (the typical ImageNet photo), keeps their bytes in memory (so disk
 speed is out of the measurement), and times the training transform on them: JPEG decode,
@@ -49,11 +50,11 @@ def measure(jpegs: list[bytes], *, size: int, batch: int, workers: int, seconds:
   items = [EncodedImage(data=b) for b in jpegs]
   labels = np.zeros(batch, np.int32)
   step, images = 0, 0
-  transform({"image": items[:batch], "label": labels}, np.random.default_rng(0))  # warm-up
+  rows_of = lambda s: [items[(s * batch + i) % len(items)] for i in range(batch)]
+  transform({"image": rows_of(0), "label": labels}, np.random.default_rng(0))  # warm-up
   start, cpu_start = time.perf_counter(), time.process_time()
   while time.perf_counter() - start < seconds:
-    rows = [items[(step * batch + i) % len(items)] for i in range(batch)]
-    out = transform({"image": rows, "label": labels}, np.random.default_rng([0, step]))
+    out = transform({"image": rows_of(step), "label": labels}, np.random.default_rng([0, step]))
     assert out["image"].shape == (batch, size, size, 3)
     step, images = step + 1, images + batch
   elapsed = time.perf_counter() - start
@@ -70,6 +71,36 @@ def measure(jpegs: list[bytes], *, size: int, batch: int, workers: int, seconds:
   }
 
 
+def stage_costs(jpegs: list[bytes], *, size: int, batch: int, repeats: int = 3) -> dict:
+  """CPU milliseconds per image of each stage, on one thread."""
+  from jaxvision.data.decode import decode, decode_crop_resize
+  from jaxvision.data.transforms import Normalize, _flip, inception_box, normalization
+
+  rng = np.random.default_rng(0)
+  items = [EncodedImage(data=b) for b in jpegs]
+  crops = np.stack([decode_crop_resize(items[i % len(items)], lambda w, h: (0, 0, w, h), size)
+                    for i in range(batch)])
+  norm = Normalize(*normalization("imagenet"))
+
+  def cpu_ms(fn, count):
+    start = time.process_time()
+    for _ in range(repeats):
+      fn()
+    return round(1000 * (time.process_time() - start) / repeats / count, 3)
+
+  return {
+      "stage_cpu_ms_per_image": {
+          "jpeg_decode_full": cpu_ms(lambda: [decode(i) for i in items], len(items)),
+          "decode_inception_crop_resize": cpu_ms(lambda: [
+              decode_crop_resize(i, lambda w, h: inception_box(w, h, rng), size) for i in items
+          ], len(items)),
+          "flip": cpu_ms(lambda: _flip(crops, rng), batch),
+          "normalize": cpu_ms(lambda: norm(crops), batch),
+      },
+      "image_size": size,
+  }
+
+
 def main(argv=None) -> None:
   """Command line entry point: prints one JSON line per worker count."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -77,8 +108,11 @@ def main(argv=None) -> None:
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--seconds", type=float, default=10.0)
   parser.add_argument("--workers", default="1,2", help="comma-separated thread counts")
+  parser.add_argument("--stages", action="store_true", help="also time each stage on one thread")
   args = parser.parse_args(argv)
   jpegs = synthetic_jpegs()
+  if args.stages:
+    print(json.dumps(stage_costs(jpegs, size=args.size, batch=args.batch)), flush=True)
   mean_kb = np.mean([len(b) for b in jpegs]) / 1024
   for workers in (int(w) for w in args.workers.split(",")):
     result = measure(jpegs, size=args.size, batch=args.batch, workers=workers, seconds=args.seconds)

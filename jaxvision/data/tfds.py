@@ -222,9 +222,7 @@ class TfdsStream:
     tf, tfds = import_tf()
     self._tf, self._tfds = tf, tfds
     self.builder = builder
-    sizes = split_sizes(builder)
-    if not sizes:
-      raise ValueError(f"tfds:{builder.name}: split sizes unknown, cannot stream (is it prepared?)")
+    sizes = split_sizes(builder) or self._count(builder, named_splits(split))
     self.ranges = [(n, int(i[0]), int(i[-1]) + 1) for n, i in split_indices(split, sizes) if len(i)]
     self.num_examples = sum(end - start for _, start, end in self.ranges)
     batch = config.batch_size if train else config.eval_batch_size or config.batch_size
@@ -262,6 +260,16 @@ class TfdsStream:
                                           image_size=self.image_size, geometry=False)
     self._records = None
     self._eval_ds = None
+
+  def _count(self, builder, names: list[str]) -> dict[str, int]:
+    """Split sizes from the records when the dataset info lacks them (e.g. under mock_data)."""
+    sizes = {}
+    for name in names:
+      count = int(_as_dataset(builder, name).cardinality())
+      if count < 0:
+        raise ValueError(f"tfds:{builder.name}: the size of split {name!r} is unknown")
+      sizes[name] = count
+    return sizes
 
   # --- tf.data pieces -----------------------------------------------------------------------
 
@@ -308,6 +316,8 @@ class TfdsStream:
 
   def _shard_bytes(self) -> float:
     splits = self.builder.info.splits
+    if any(name not in splits for name, _, _ in self.ranges):
+      return math.inf  # unknown size: do not cache
     total = sum(
         float(splits[name].num_bytes or 0) * (end - start) / max(1, splits[name].num_examples)
         for name, start, end in self.ranges

@@ -245,8 +245,9 @@ def classification_transform(
             item = to_uint8(item)
           if min_area is not None:
             box_fn = lambda w, h: inception_box(w, h, example_rngs[i], min_area)
-          else:
-            box_fn = lambda w, h: center_box(w, h, eval_crop)
+          else:  # images already at image_size are used as they are (data.eval_crop's contract)
+            box_fn = lambda w, h: (0, 0, w, h) if w == h == image_size else center_box(
+                w, h, eval_crop)
           try:
             item = decode_crop_resize(item, box_fn, image_size)
           except ValueError as e:
