@@ -18,6 +18,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 from configs import base  # noqa: E402
 from jaxvision.data import ArrayInput, create_input  # noqa: E402
 from jaxvision.data import tfds as jv_tfds  # noqa: E402
+from jaxvision.data.tfds_stream import TfdsStream  # noqa: E402
 
 SIZES = {"train": 37, "test": 11}
 
@@ -106,7 +107,7 @@ def test_streamed_eval_covers_every_example_once(tiny_dir, processes, split):
   config.eval_batch_size = 6 if processes == 3 else 4
   inputs = [create_input(config, split, train=False, process_index=p, process_count=processes)
             for p in range(processes)]
-  assert all(isinstance(i, jv_tfds.TfdsStream) for i in inputs)
+  assert all(isinstance(i, TfdsStream) for i in inputs)
   per_process = [list(i.eval_batches()) for i in inputs]
   assert len({len(b) for b in per_process}) == 1  # the same number of batches everywhere
   seen = []
@@ -174,7 +175,7 @@ def test_variable_size_dataset_streams_under_mock_data():
                         normalize="imagenet")
     train = create_input(config, "train", train=True)
     evaluation = create_input(config, "validation", train=False)
-    assert isinstance(train, jv_tfds.TfdsStream) and train.num_classes == 1000
+    assert isinstance(train, TfdsStream) and train.num_classes == 1000
     batch = next(iter(train.train_batches(0)))
     assert batch["image"].shape == (4, 8, 8, 3) and batch["image"].dtype == np.float32
     assert sum(int(b["valid"].sum()) for b in evaluation.eval_batches()) == 6

@@ -79,7 +79,7 @@ class SquareNet(nn.Module):
 def square_net():
   model = SquareNet()
   images, labels, _ = bright_squares(2048, 0)
-  params = model.init(jax.random.key(0), images[:1])["params"]
+  params = jax.jit(model.init)(jax.random.key(0), images[:1])["params"]
   tx = optax.adam(3e-3)
 
   @jax.jit
@@ -129,7 +129,7 @@ def test_gradcam_by_submodule_equals_gradcam_by_perturbation(square_net):
 def test_gradcam_on_registry_cnns():
   x = jax.random.uniform(jax.random.key(1), (2, 28, 28, 1))
   lenet = create_model("lenet")
-  variables = lenet.init(jax.random.key(0), x)
+  variables = jax.jit(lenet.init)(jax.random.key(0), x)
   layers = dict(feature_layers(lenet, variables, x))
   assert layers["conv2"] == (2, 10, 10, 16)
   result = gradcam(lenet, variables, x)
@@ -142,7 +142,7 @@ def test_gradcam_on_registry_cnns():
 
   resnet = create_model("resnet_tiny")  # BatchNorm statistics in the variables
   x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
-  variables = resnet.init(jax.random.key(0), x)
+  variables = jax.jit(resnet.init)(jax.random.key(0), x)
   result = gradcam(resnet, variables, x)
   assert result.heatmaps.shape == (2, 32, 32) and np.all(np.isfinite(result.heatmaps))
 
@@ -154,7 +154,7 @@ def test_gradcam_on_registry_cnns():
 def vit():
   model = create_model("vit_tiny", num_classes=10)
   x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
-  return model, model.init(jax.random.key(0), x), x
+  return model, jax.jit(model.init)(jax.random.key(0), x), x
 
 
 def test_attention_rollout_rows_sum_to_one_and_match_a_reference(vit):
@@ -259,7 +259,7 @@ def tiny_run(workdir, **overrides):
   from train import loop
 
   c = lenet_digits.get_config()
-  c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 2, 0, 0
+  c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 2, 1, 0, 0
   c.batch_size, c.progress = 32, "none"
   for key, value in overrides.items():
     with c.unlocked():

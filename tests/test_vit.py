@@ -275,3 +275,17 @@ def test_vit_b16_at_384_from_224_weights_shapes():
       variables["params"], x)
   chex.assert_shape(out, (1, 1000))
   del model_224
+
+
+def test_train_mode_needs_a_dropout_rng_only_with_dropout():
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  for kwargs in [dict(scan=True), dict()]:
+    model, _, variables = _abstract("vit_tiny", **kwargs)
+    out = jax.eval_shape(lambda v, x, m=model: m.apply(v, x, train=True), variables, x)
+    chex.assert_shape(out, (2, 10))
+  model, _, variables = _abstract("vit_tiny", scan=True, drop_path=0.1)
+  with pytest.raises(Exception, match="dropout"):
+    jax.eval_shape(lambda v, x: model.apply(v, x, train=True), variables, x)
+  rngs = {"dropout": jax.random.key(0)}
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=True, rngs=rngs), variables, x)
+  chex.assert_shape(out, (2, 10))

@@ -105,11 +105,12 @@ def feature_layers(model: nn.Module, variables: dict, images: jax.Array) -> list
   return list(perturbed.items()) + modules
 
 
-def default_layer(model: nn.Module, variables: dict, images: jax.Array) -> str:
+def default_layer(model: nn.Module, variables: dict, images: jax.Array, *, table=None) -> str:
   """The last feature map with more than one position (perturbation points preferred): the
   usual Grad-CAM choice."""
-  for layers in (list(perturbation_layers(model, variables, images).items()),
-                 module_layers(model, variables, images)):
+  perturbed, shapes = table or layer_table(model, variables, images)
+  modules = [(p, s) for p, s in shapes.items() if p not in perturbed]
+  for layers in (list(perturbed.items()), modules):
     spatial = [path for path, shape in layers if shape[1] * shape[2] > 1]
     if spatial:
       return spatial[-1]
@@ -126,7 +127,9 @@ def _forward(model, variables, images, layer: str, perturbed: dict, delta=None):
       zeros[layer] = delta
       variables["perturbations"] = _unflatten(zeros)
     output, state = model.apply(variables, images, train=False, mutable=["intermediates"])
-    sown = _flatten(dict(state.get("intermediates", {}))).get(f"{layer}/0")
+    sown = _flatten(dict(state.get("intermediates", {}))).get(layer)
+    if isinstance(sown, tuple):  # sow appends to a tuple
+      sown = sown[0] if sown else None
     if sown is None:
       raise ValueError(f"layer {layer!r} is perturbed but not sown under 'intermediates' with the "
                        "same name; Grad-CAM needs both")
@@ -159,10 +162,16 @@ def _unflatten(flat: dict) -> dict:
   return tree
 
 
-def _check_layer(model, variables, images, layer: str) -> tuple[tuple, dict]:
+def layer_table(model: nn.Module, variables: dict, images: jax.Array) -> tuple[dict, dict]:
+  """({perturbation path: shape}, {every explainable layer: shape}); shapes only, no compute."""
   perturbed = perturbation_layers(model, variables, images)
   shapes = dict(module_layers(model, variables, images))
   shapes.update(perturbed)
+  return perturbed, shapes
+
+
+def _check_layer(model, variables, images, layer: str, table=None) -> tuple[tuple, dict]:
+  perturbed, shapes = table or layer_table(model, variables, images)
   if layer not in shapes:
     known = ", ".join(shapes) or "none"
     raise ValueError(f"layer {layer!r} is neither a perturbation point nor a submodule with a "
@@ -171,15 +180,17 @@ def _check_layer(model, variables, images, layer: str) -> tuple[tuple, dict]:
 
 
 def layer_gradients(
-    model: nn.Module, variables: dict, images: jax.Array, layer: str, class_index=None
+    model: nn.Module, variables: dict, images: jax.Array, layer: str, class_index=None, *,
+    table=None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """(activations, d score / d activations, class_index, logits) at `layer`.
 
   The score of example b is its logit of `class_index[b]` (default: the predicted class).
+  `table` is `layer_table`'s answer, when the caller has it already.
   """
-  shape, perturbed = _check_layer(model, variables, images, layer)
+  shape, perturbed = _check_layer(model, variables, images, layer, table)
 
-  def score(delta):
+  def score(delta, variables, images, class_index):
     output, activations = _forward(model, variables, images, layer, perturbed, delta)
     logits = _logits_of(output).astype(jnp.float32)
     chosen = jnp.argmax(logits, -1) if class_index is None else jnp.broadcast_to(
@@ -188,8 +199,10 @@ def layer_gradients(
     # Examples are independent (eval mode), so the gradient of the sum is each one's own.
     return jnp.sum(picked), (activations.astype(jnp.float32), chosen, logits)
 
+  # One compiled program: op-by-op dispatch of a whole network's backward pass is slow.
+  grad_fn = jax.jit(jax.grad(score, has_aux=True))
   delta = jnp.zeros(shape, jnp.float32)
-  grads, (activations, chosen, logits) = jax.grad(score, has_aux=True)(delta)
+  grads, (activations, chosen, logits) = grad_fn(delta, variables, images, class_index)
   return activations, grads, chosen, logits
 
 
@@ -206,7 +219,7 @@ def layer_activations(model: nn.Module, variables: dict, images: jax.Array, laye
 
 
 def receptive_field_centers(
-    model: nn.Module, variables: dict, images: jax.Array, layer: str
+    model: nn.Module, variables: dict, images: jax.Array, layer: str, *, table=None
 ) -> tuple[float, float, float, float]:
   """(stride_y, offset_y, stride_x, offset_x): layer position i sits over image pixel
   offset + stride * i.
@@ -220,16 +233,23 @@ def receptive_field_centers(
   """
   images = jnp.asarray(images, jnp.float32)[:16]
   height, width = images.shape[1:3]
-  _, perturbed = _check_layer(model, variables, images, layer)
-  act, vjp = jax.vjp(
-      lambda x: _forward(model, variables, x, layer, perturbed)[1].astype(jnp.float32), images)
-  h, w = act.shape[1:3]
+  shape, perturbed = _check_layer(model, variables, images, layer, table)
+  h, w = shape[1:3]
+  lo_i, hi_i, lo_j, hi_j = h // 4, h - 1 - h // 4, w // 4, w - 1 - w // 4
 
-  def extent(i, j):
-    (g,) = vjp(jnp.zeros_like(act).at[:, i, j, :].set(1.0))
-    support = np.asarray(jnp.sum(jnp.abs(g), axis=(0, 3)) > 0)
-    rows, cols = np.nonzero(support.any(axis=1))[0], np.nonzero(support.any(axis=0))[0]
-    return rows, cols
+  @jax.jit
+  def supports(variables, images):
+    act, vjp = jax.vjp(
+        lambda x: _forward(model, variables, x, layer, perturbed)[1].astype(jnp.float32), images)
+    masks = []
+    for i, j in ((lo_i, lo_j), (hi_i, hi_j)):
+      (g,) = vjp(jnp.zeros_like(act).at[:, i, j, :].set(1.0))
+      masks.append(jnp.sum(jnp.abs(g), axis=(0, 3)) > 0)
+    return masks
+
+  def extent(support):
+    support = np.asarray(support)
+    return np.nonzero(support.any(axis=1))[0], np.nonzero(support.any(axis=0))[0]
 
   def axis(lo, hi, n_in, n_out, spans):
     stride, offset = n_in / n_out, 0.5 * n_in / n_out - 0.5  # edge to edge
@@ -239,9 +259,9 @@ def receptive_field_centers(
     stride = (c_hi - c_lo) / (hi - lo)
     return stride, c_lo - stride * lo
 
-  lo_i, hi_i, lo_j, hi_j = h // 4, h - 1 - h // 4, w // 4, w - 1 - w // 4
-  rows_lo, cols_lo = extent(lo_i, lo_j)
-  rows_hi, cols_hi = extent(hi_i, hi_j)
+  support_lo, support_hi = supports(variables, images)
+  rows_lo, cols_lo = extent(support_lo)
+  rows_hi, cols_hi = extent(support_hi)
   return (*axis(lo_i, hi_i, height, h, (rows_lo, rows_hi)),
           *axis(lo_j, hi_j, width, w, (cols_lo, cols_hi)))
 
@@ -281,10 +301,12 @@ def gradcam(
   images = jnp.asarray(images)
   if images.ndim != 4:
     raise ValueError(f"images must be (B, H, W, C), got shape {tuple(images.shape)}")
-  layer = layer or default_layer(model, variables, images)
-  activations, grads, chosen, logits = layer_gradients(model, variables, images, layer, class_index)
+  table = layer_table(model, variables, images)
+  layer = layer or default_layer(model, variables, images, table=table)
+  activations, grads, chosen, logits = layer_gradients(
+      model, variables, images, layer, class_index, table=table)
   coarse = cam_from_gradients(activations, grads)
-  centers = receptive_field_centers(model, variables, images, layer) if align else None
+  centers = receptive_field_centers(model, variables, images, layer, table=table) if align else None
   heatmaps = upsample_maps(coarse, images.shape[1:3], centers)
   return GradCAM(heatmaps, coarse, chosen, logits, layer)
 

@@ -6,7 +6,7 @@ Before the classifier an adaptive average pool brings the map to 6x6, as torchvi
 the converter permutes it from torchvision's (C, H, W).
 
 Feature maps sown under 'intermediates': `act1` ... `act5` (each convolution after its ReLU)
-and `features` (= `act5`, the last spatial map, for Grad-CAM). Sown names never equal submodule
+and `feature_map` (= `act5`, the last spatial map, for Grad-CAM). Sown names never equal submodule
 names, so `capture_intermediates=True` works alongside them.
 """
 
@@ -56,7 +56,7 @@ class AlexNet(nn.Module):
       x = nn.relu(x)
       self.sow("intermediates", f"act{i + 1}", x)
       if i == len(_CONVS) - 1:
-        self.sow("intermediates", "features", x)
+        self.sow("intermediates", "feature_map", x)
       if pool:
         x = max_pool(x, 3, 2)
     x = adaptive_avg_pool(x, POOL_SIZE).reshape((x.shape[0], -1))

@@ -7,7 +7,7 @@ torchvision's `features.*` modules without the `features.` prefix (`conv0`, `nor
 `denseblock1/denselayer1/norm1`, `transition1/conv`, `norm5`); the classifier is `head`.
 
 Feature maps sown under 'intermediates': `stem`, `block1` ... `blockN` (each dense block's
-output, before its transition), and `features` (ReLU(norm5), the last spatial map, for Grad-CAM).
+output, before its transition), and `feature_map` (ReLU(norm5), the last spatial map, for Grad-CAM).
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ class DenseNet(nn.Module):
         channels //= 2
         x = Transition(channels, name=f"transition{i + 1}", **kw)(x, train=train)
     x = nn.relu(batch_norm(train, name="norm5", **kw)(x))
-    self.sow("intermediates", "features", x)
+    self.sow("intermediates", "feature_map", x)
     x = global_avg_pool(x)
     if not self.num_classes:
       return x

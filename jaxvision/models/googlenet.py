@@ -14,12 +14,13 @@ that does not ask for 'aux' trains the main head alone. `transform_input=True` m
 ImageNet-normalized inputs to the [-1, 1] scaling torchvision's pretrained weights expect.
 
 Feature maps sown under 'intermediates': `stem` (after the second max-pool), `stage3`,
-`stage4`, `stage5` (the outputs of inception3b, 4e and 5b), and `features` (= `stage5`, the last
+`stage4`, `stage5` (the outputs of inception3b, 4e and 5b), and `feature_map` (= `stage5`, the last
 spatial map).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -47,8 +48,6 @@ INCEPTIONS = (
     ("inception5b", 384, 192, 384, 48, 128, 128),
 )
 AUX_AFTER = {"inception4a": "aux1", "inception4d": "aux2"}
-# Stage outputs sown as stage3/4/5 (names that differ from the submodules').
-SOWN = {"inception3b": "stage3", "inception4e": "stage4", "inception5b": "stage5"}
 # torchvision's `transform_input`: x * std / 0.5 + (mean - 0.5) / 0.5 with ImageNet's mean/std.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -118,6 +117,7 @@ class GoogLeNet(nn.Module):
     aux_logits: build the two auxiliary heads (sown under 'aux' in train mode).
     transform_input: rescale ImageNet-normalized input as torchvision's pretrained weights expect.
     dropout_rate: dropout before the head.
+    inceptions: the inception modules and pools in order (test variants use fewer).
     width_divisor: divides every channel count (test variants).
     dtype: computation dtype.
     param_dtype: parameter dtype.
@@ -127,6 +127,7 @@ class GoogLeNet(nn.Module):
   aux_logits: bool = False
   transform_input: bool = False
   dropout_rate: float = 0.2
+  inceptions: Sequence[Any] = INCEPTIONS
   width_divisor: int = 1
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -152,22 +153,22 @@ class GoogLeNet(nn.Module):
     # Aux params are created at init even in eval mode, so a model initialised with
     # train=False can later train with them.
     run_aux = self.aux_logits and (train or self.is_initializing())
-    stages_left = INCEPTIONS.count("pool")
-    for spec in INCEPTIONS:
+    stage = 3
+    for spec in self.inceptions:
       if spec == "pool":
-        # The last pool is 2x2/2, the others 3x3/2.
-        stages_left -= 1
-        x = max_pool(x, 3 if stages_left else 2, 2, ceil_mode=True)
+        self.sow("intermediates", f"stage{stage}", x)
+        stage += 1
+        # Into stage 4 a 3x3/2 pool, into stage 5 a 2x2/2 one.
+        x = max_pool(x, 3 if stage < 5 else 2, 2, ceil_mode=True)
         continue
       name, *widths = spec
       x = Inception(tuple(w // d for w in widths), name=name, **kw)(x, train=train)
-      if name in SOWN:
-        self.sow("intermediates", SOWN[name], x)
       if run_aux and name in AUX_AFTER:
         aux = InceptionAux(self.num_classes, d, name=AUX_AFTER[name], **kw)(x, train=train)
         if not self.is_initializing():  # init would otherwise return them among the variables
           self.sow("aux", f"{AUX_AFTER[name]}_logits", aux)
-    self.sow("intermediates", "features", x)
+    self.sow("intermediates", f"stage{stage}", x)
+    self.sow("intermediates", "feature_map", x)
     x = global_avg_pool(x)
     if not self.num_classes:
       return x
@@ -176,6 +177,7 @@ class GoogLeNet(nn.Module):
 
 
 _PAPER = "Szegedy et al. 2015, Going deeper with convolutions"
+_TINY = ("inception3a", "inception4a", "inception4d", "inception5b")
 
 
 @register_model(paper=_PAPER)
@@ -186,6 +188,7 @@ def googlenet(**kwargs) -> GoogLeNet:
 
 @register_model(input_shape=(32, 32, 3), num_classes=10, paper=_PAPER)
 def googlenet_tiny(**kwargs) -> GoogLeNet:
-  """Test variant: every width divided by 8."""
+  """Test variant: widths divided by 8, four inception modules (3a, 4a, 4d, 5b), same aux sites."""
   kwargs.setdefault("width_divisor", 8)
+  kwargs.setdefault("inceptions", tuple(s for s in INCEPTIONS if s == "pool" or s[0] in _TINY))
   return GoogLeNet(**kwargs)

@@ -3,7 +3,7 @@
 5x5 convolutions (padding 2 on the first, so 28x28 inputs work), sigmoid activations, 2x2
 average pooling, dense 120-84-classes. `activation='relu', pool='max'` gives the modern variant.
 
-Feature maps sown under 'intermediates': `stage1`, `stage2` (after each pool) and `features`
+Feature maps sown under 'intermediates': `stage1`, `stage2` (after each pool) and `feature_map`
 (= `stage2`). Sown names differ from submodule names so `capture_intermediates=True` works too.
 """
 
@@ -53,7 +53,7 @@ class LeNet(nn.Module):
     x = act(nn.Conv(16, (5, 5), padding="VALID", name="conv2", **kw)(x))
     x = pool(x, (2, 2), strides=(2, 2))
     self.sow("intermediates", "stage2", x)
-    self.sow("intermediates", "features", x)
+    self.sow("intermediates", "feature_map", x)
     x = x.reshape((x.shape[0], -1))
     x = act(nn.Dense(120, name="fc1", **kw)(x))
     x = act(nn.Dense(84, name="fc2", **kw)(x))

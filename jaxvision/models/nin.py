@@ -9,7 +9,7 @@ weight conversion.
 
 Parameter names: `block1` ... `block3` and `head`, each with `conv`, `mlp1`, `mlp2`.
 Feature maps sown under 'intermediates': `stage1` ... `stage3` (the blocks' outputs, before
-their pools) and `features` (= `stage3`, the last map before the class maps, for Grad-CAM).
+their pools) and `feature_map` (= `stage3`, the last map before the class maps, for Grad-CAM).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class NiN(nn.Module):
       x = MLPConv(features, kernel, strides, padding, name=f"block{i + 1}", **kw)(x)
       self.sow("intermediates", f"stage{i + 1}", x)
       if i == len(_BLOCKS) - 1:
-        self.sow("intermediates", "features", x)
+        self.sow("intermediates", "feature_map", x)
       x = max_pool(x, 3, 2)
     if not self.num_classes:
       return global_avg_pool(x)

@@ -6,7 +6,7 @@ Parameter names follow torchvision's modules (`conv1`, `bn1`, `layer1_0/conv1`,
 `layer1_0/downsample_conv`, ...), with the classifier named `head` (torchvision's `fc`).
 
 Feature maps sown under 'intermediates': `stem` (after the max-pool), `layer1` ... `layer4`, and
-`features` (= `layer4`, the last spatial map, for Grad-CAM).
+`feature_map` (= `layer4`, the last spatial map, for Grad-CAM).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ class ResNet(nn.Module):
         )(x, train=train)
         channels = out
       self.sow("intermediates", f"layer{stage + 1}", x)
-    self.sow("intermediates", "features", x)
+    self.sow("intermediates", "feature_map", x)
     x = global_avg_pool(x)
     if not self.num_classes:
       return x

@@ -8,7 +8,7 @@ numbered over the whole network, `fc1`, `fc2`, `head`. `fc1` reads the 7x7 map f
 (H, W, C) order; the converter permutes it from torchvision's (C, H, W).
 
 Feature maps sown under 'intermediates': `stage1` ... `stage5` (the last ReLU of each stage,
-before its max-pool) and `features` (= `stage5`, the last spatial map, for Grad-CAM).
+before its max-pool) and `feature_map` (= `stage5`, the last spatial map, for Grad-CAM).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class VGG(nn.Module):
         x = nn.relu(x)
       self.sow("intermediates", f"stage{stage + 1}", x)
       if stage == len(self.depths) - 1:
-        self.sow("intermediates", "features", x)
+        self.sow("intermediates", "feature_map", x)
       x = max_pool(x, 2, 2)
     x = adaptive_avg_pool(x, POOL_SIZE).reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(self.hidden, name="fc1", **kw)(x))

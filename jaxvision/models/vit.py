@@ -10,6 +10,10 @@ names follow timm so that conversion is a rename: `patch_embed/proj`, `cls_token
 `blocks_{i}/{norm1, attn/qkv, attn/proj, ls1, norm2, mlp/fc1, mlp/fc2, ls2}`, `norm`,
 `attn_pool`, `head`. With `scan=True` the blocks are one `blocks` module whose parameters carry a
 leading depth axis; `stack_blocks` / `unstack_blocks` move between the two layouts.
+
+Weights: `jaxvision.convert.from_torch` / `to_torch` (timm `vit_*` state dicts) and
+`jaxvision.convert.vit_npz.from_vit_npz` (the official `.npz` checkpoints); at another image size,
+`load_at_image_size` resamples the learned position embedding.
 """
 
 from __future__ import annotations

@@ -1,0 +1,162 @@
+"""Two processes x two CPU devices on JAX's distributed runtime train like one process x four.
+
+The workers are `python -m train` with --coordinator_address/--num_processes/--process_id on
+127.0.0.1, run through this file's `__main__` block, which only adds a record of the example
+ids each process reads. Checked: each process reads its own half of every global batch, the
+losses and eval metrics equal the single-process run's, metrics.jsonl, TensorBoard events and
+checkpoints are written once, and a checkpoint written by the two processes resumes in one.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import lenet_digits
+from train import loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = dict(total_steps=20, log_every=5, eval_every=10, checkpoint_every=10, batch_size=32)
+TIMEOUT = 600
+
+
+def config_with(**overrides):
+  c = lenet_digits.get_config()
+  with c.unlocked():
+    c.update({**SETTINGS, "progress": "none", **overrides})
+  return c
+
+
+def metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def record_train_ids(loop_module, seen: list) -> None:
+  """Makes every executor record the ids of the training batches this process puts on device."""
+  create = loop_module.create_executor
+
+  def create_recording(*args, **kwargs):
+    executor = create(*args, **kwargs)
+    put = executor.put_batch
+
+    def recording_put(batch):
+      if "valid" not in batch:  # eval batches carry a validity mask; training batches do not
+        seen.append(np.asarray(batch["id"]))
+      return put(batch)
+
+    executor.put_batch = recording_put
+    return executor
+
+  loop_module.create_executor = create_recording
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+  """(workdir, [ids read by process 0, by process 1], [stdout of each]) of the 2-process run."""
+  root = tmp_path_factory.mktemp("multiprocess")
+  workdir, port = str(root / "w"), free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  procs = [
+      subprocess.Popen(
+          [sys.executable, os.path.abspath(__file__), str(root / f"ids{i}.npy"),
+           "--config", "configs/lenet_digits.py", "--workdir", workdir,
+           "--config.progress=lines", *[f"--config.{k}={v}" for k, v in SETTINGS.items()],
+           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)
+  ]
+  try:
+    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+  finally:
+    for p in procs:  # one that failed leaves the other waiting for it forever
+      if p.poll() is None:
+        p.kill()
+  for p, out in zip(procs, outputs, strict=True):
+    assert p.returncode == 0, out
+  ids = [np.load(root / f"ids{i}.npy")[: SETTINGS["total_steps"]] for i in range(2)]
+  return workdir, ids, outputs
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+  """(workdir, global batch ids per step) of the same run in this process, on 4 devices."""
+  workdir = str(tmp_path_factory.mktemp("one_process") / "w")
+  seen: list = []
+  original = loop.create_executor
+  record_train_ids(loop, seen)
+  try:
+    loop.train_and_evaluate(config_with(), workdir)
+  finally:
+    loop.create_executor = original
+  return workdir, np.stack(seen)[: SETTINGS["total_steps"]]
+
+
+def test_each_process_reads_its_own_half_of_every_batch(two_processes, one_process):
+  _, (ids0, ids1), _ = two_processes
+  _, global_ids = one_process
+  half = SETTINGS["batch_size"] // 2
+  assert ids0.shape == ids1.shape == (SETTINGS["total_steps"], half)
+  for step in range(SETTINGS["total_steps"]):
+    assert not np.intersect1d(ids0[step], ids1[step]).size
+    # Together, in process order, they are exactly the single-process global batch.
+    np.testing.assert_array_equal(np.concatenate([ids0[step], ids1[step]]), global_ids[step])
+
+
+def test_two_processes_match_one(two_processes, one_process):
+  a, b = metrics(two_processes[0]), metrics(one_process[0])
+  key = lambda r: (r["step"], r["split"])
+  assert [key(r) for r in a] == [key(r) for r in b]  # every row once: only process 0 writes
+  for ra, rb in zip(a, b, strict=True):
+    for name in ("loss", "accuracy", *(("top5",) if ra["split"] == "eval" else ())):
+      np.testing.assert_allclose(ra[name], rb[name], rtol=1e-5, err_msg=f"{key(ra)} {name}")
+
+
+def test_outputs_are_written_once(two_processes):
+  workdir, _, outputs = two_processes
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
+  assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 1
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  assert "train step 20/20" in outputs[0] and "train step" not in outputs[1]
+
+
+def test_checkpoint_of_two_processes_resumes_in_one(two_processes, one_process, tmp_path):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(two_processes[0], workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "20"))
+  with open(os.path.join(workdir, "metrics.jsonl"), "w"):
+    pass  # keep only what the resumed run logs
+  loop.train_and_evaluate(config_with(), workdir)
+  resumed = {(r["step"], r["split"]): r["loss"] for r in metrics(workdir)}
+  reference = {(r["step"], r["split"]): r["loss"] for r in metrics(one_process[0])}
+  assert sorted(resumed) == [(15, "train"), (20, "eval"), (20, "train")]
+  for key, loss in resumed.items():
+    np.testing.assert_allclose(loss, reference[key], rtol=1e-5, err_msg=str(key))
+
+
+if __name__ == "__main__":  # a worker: `python -m train ARGS`, recording the ids it reads
+  ids_file = sys.argv.pop(1)
+  from absl import app
+
+  import train.__main__ as cli
+  from train import loop as train_loop
+
+  seen_ids: list = []
+  record_train_ids(train_loop, seen_ids)
+  atexit.register(lambda: np.save(ids_file, np.stack(seen_ids)))
+  app.run(cli.main, flags_parser=cli._parse_flags)
