@@ -79,6 +79,8 @@ def _first_line(error: BaseException) -> str:
 
 def main(argv):
   logging.getLogger("absl").setLevel(logging.WARNING)
+  # JAX logs its backend probing (e.g. no TPU found) at INFO; keep the terminal for the run.
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   if len(argv) > 1:
     print(f"error: unexpected arguments: {' '.join(argv[1:])} (flags are --name=value; see --help)",
           file=sys.stderr)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import os
 import statistics
@@ -90,11 +91,6 @@ def result_row(**fields) -> dict:
   if set(fields) != set(RESULT_KEYS):
     raise KeyError(f"result keys {sorted(fields)} differ from {RESULT_KEYS}")
   return {k: fields[k] for k in RESULT_KEYS}
-
-
-def median_step_seconds(run_window: Callable[[int], float], steps: int, repeats: int) -> float:
-  """Median over `repeats` windows of the mean step time of `steps` steps (robust to noise)."""
-  return statistics.median(run_window(steps) / steps for _ in range(repeats))
 
 
 def parse_model_kwargs(text: str) -> dict:
@@ -238,30 +234,37 @@ def _train_function(executor):
   return executor._train  # noqa: SLF001 - see the report: the executor could expose it publicly
 
 
-def _time_compiled(call, state, args: argparse.Namespace) -> tuple[float, object]:
-  """Warm-up, then the median of `repeats` timed windows; returns (step seconds, final state)."""
-  import jax
+@dataclasses.dataclass
+class Prepared:
+  """A compiled, warmed-up-able benchmark of one framework.
 
-  holder = {"state": state}
+  Attributes:
+    window: runs n steps and returns their wall time in seconds, blocking until they are done.
+    finish: the result row for a measured step time in seconds.
+  """
 
-  def window(n: int) -> float:
-    s = holder["state"]
-    start = time.perf_counter()
-    for _ in range(n):
-      s, out = call(s)
-    jax.block_until_ready((s, out))
-    elapsed = time.perf_counter() - start
-    holder["state"] = s
-    return elapsed
-
-  if args.warmup:
-    window(args.warmup)
-  step_s = median_step_seconds(window, args.steps, args.repeats)
-  return step_s, holder["state"]
+  window: Callable[[int], float]
+  finish: Callable[[float], dict]
 
 
-def run_jax(args: argparse.Namespace) -> dict:
-  """Benchmarks the trainer's step (train) or the model's forward pass (infer) in JAX."""
+def measure(prepared: Sequence[Prepared], *, steps: int, repeats: int, warmup: int) -> list[dict]:
+  """Warm-up, then `repeats` rounds in which every benchmark times one window of `steps` steps.
+
+  With two benchmarks the windows alternate (A, B, A, B, ...), so a load that comes and goes on
+  a shared host slows both alike and the ratio stays meaningful. Each reports its median window.
+  """
+  if warmup:
+    for p in prepared:
+      p.window(warmup)
+  times: list[list[float]] = [[] for _ in prepared]
+  for _ in range(repeats):
+    for p, t in zip(prepared, times, strict=True):
+      t.append(p.window(steps) / steps)
+  return [p.finish(statistics.median(t)) for p, t in zip(prepared, times, strict=True)]
+
+
+def prepare_jax(args: argparse.Namespace) -> Prepared:
+  """Compiles the trainer's step (train) or the model's forward pass (infer) in JAX."""
   import jax
 
   if args.compilation_cache:
@@ -293,10 +296,9 @@ def run_jax(args: argparse.Namespace) -> dict:
     compile_s = time.perf_counter() - start
     call = lambda s: compiled(s, batch, rng)
   else:
-    variables_of = lambda s: s.variables(s.params)
     forward = lambda variables, images: model.apply(variables, images, train=False)
     forward = jax.pmap(forward) if config.parallel == "pmap" else jax.jit(forward)
-    variables = variables_of(state)
+    variables = state.variables(state.params)
     start = time.perf_counter()
     lowered = forward.lower(variables, batch["image"])
     compiled = lowered.compile()
@@ -304,21 +306,41 @@ def run_jax(args: argparse.Namespace) -> dict:
     # The state is passed through unchanged so the timing loop is the same for both modes.
     call = lambda s: (s, compiled(variables, batch["image"]))
 
-  step_s, _ = _time_compiled(call, state, args)
-  # The compiled module's count; where a backend leaves an op uncounted (a library call it
-  # cannot see into), the count falls to 0 and the unoptimised module's count stands in.
-  flops = flops_of(compiled) or flops_of(lowered)
-  devices = jax.devices()[: executor.num_devices]
-  kind = devices[0].device_kind
-  print(f"# jax {args.model} {args.mode}: {flops_of(compiled) or 0:.4g} FLOPs/step per device "
-        f"compiled ({flops_of(lowered) or 0:.4g} before optimisation); XLA memory estimate: "
-        f"{_memory_note(compiled)}", file=sys.stderr)
-  return result_row(
-      model=args.model, framework="jax", mode=args.mode, batch_size=args.batch_size,
-      dtype=args.dtype, images_per_sec=args.batch_size / step_s, step_ms=1000.0 * step_s,
-      mfu=mfu(flops, step_s, peak_flops(kind)), compile_s=compile_s,
-      peak_mem_gb=peak_memory_gb(devices), device=device_label(kind, len(devices)),
-  )
+  holder = {"state": state}
+
+  def window(n: int) -> float:
+    s = holder["state"]
+    start = time.perf_counter()
+    for _ in range(n):
+      s, out = call(s)
+    jax.block_until_ready((s, out))  # the only sync: the steps themselves run back to back
+    elapsed = time.perf_counter() - start
+    holder["state"] = s
+    return elapsed
+
+  def finish(step_s: float) -> dict:
+    # The compiled module's count; where a backend leaves an op uncounted (a library call it
+    # cannot see into), the count falls to 0 and the unoptimised module's count stands in.
+    flops = flops_of(compiled) or flops_of(lowered)
+    devices = jax.devices()[: executor.num_devices]
+    kind = devices[0].device_kind
+    print(f"# jax {args.model} {args.mode}: {flops_of(compiled) or 0:.4g} FLOPs/step per device "
+          f"compiled ({flops_of(lowered) or 0:.4g} before optimisation); XLA memory estimate: "
+          f"{_memory_note(compiled)}", file=sys.stderr)
+    return result_row(
+        model=args.model, framework="jax", mode=args.mode, batch_size=args.batch_size,
+        dtype=args.dtype, images_per_sec=args.batch_size / step_s, step_ms=1000.0 * step_s,
+        mfu=mfu(flops, step_s, peak_flops(kind)), compile_s=compile_s,
+        peak_mem_gb=peak_memory_gb(devices), device=device_label(kind, len(devices)),
+    )
+
+  return Prepared(window, finish)
+
+
+def run_jax(args: argparse.Namespace) -> dict:
+  """Benchmarks JAX alone: compile, warm up, time."""
+  return measure([prepare_jax(args)], steps=args.steps, repeats=args.repeats,
+                 warmup=args.warmup)[0]
 
 
 def _without_donation(executor, config, task):
@@ -338,7 +360,7 @@ def _without_donation(executor, config, task):
   )
 
 
-# --- PyTorch side (a subprocess, so each framework has the device to itself) ----------------------
+# --- PyTorch side ------------------------------------------------------------------------------
 
 
 def torch_command(args: argparse.Namespace) -> list[str]:
@@ -359,8 +381,8 @@ def torch_command(args: argparse.Namespace) -> list[str]:
   return cmd
 
 
-def run_torch(args: argparse.Namespace) -> dict:
-  """Runs the PyTorch side in a subprocess and returns its JSON row."""
+def run_torch_subprocess(args: argparse.Namespace) -> dict:
+  """Runs the PyTorch side in a subprocess (the device to itself) and returns its JSON row."""
   import importlib.util
 
   if importlib.util.find_spec("torch") is None:
@@ -431,6 +453,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--compilation-cache", default="",
                  help="A/B: JAX persistent compilation cache directory (compile_s of a second run "
                       "shows the cache hit)")
+  p.add_argument("--interleave", choices=("auto", "on", "off"), default="auto",
+                 help="with --compare: alternate JAX and PyTorch windows in one process (auto: on "
+                      "a CPU host, where load from other processes then hits both alike); off: "
+                      "PyTorch first in a subprocess, then JAX (auto on accelerators)")
   p.add_argument("--torch-compile", choices=("auto", "on", "off"), default="auto",
                  help="PyTorch side: torch.compile on (CUDA default) or eager (CPU default)")
   p.add_argument("--torch-channels-last", choices=("on", "off"), default="on",
@@ -446,14 +472,44 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
+def _interleave(args: argparse.Namespace) -> bool:
+  """Whether both frameworks run in this process with alternating windows (--interleave)."""
+  if args.interleave != "auto":
+    return args.interleave == "on"
+  import jax
+
+  # On a CPU both fit in one process and share the host's noise; on an accelerator each gets
+  # the device to itself, one after the other.
+  return jax.default_backend() == "cpu"
+
+
+def compare_torch(args: argparse.Namespace) -> tuple[dict, dict]:
+  """The JAX and PyTorch rows of the same model, batch, optimizer and loss."""
+  import importlib.util
+
+  if importlib.util.find_spec("torch") is None:
+    raise ValueError("--compare torch: PyTorch is not installed here (pip install torch)")
+  # JAX must not take most of an accelerator's memory up front while PyTorch runs beside it.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  if _interleave(args):
+    from train import bench_torch
+
+    torch_prepared = bench_torch.prepare(bench_torch.parse_args(torch_command(args)[3:]))
+    jax_row, torch_row = measure([prepare_jax(args), torch_prepared], steps=args.steps,
+                                 repeats=args.repeats, warmup=args.warmup)
+    return jax_row, torch_row
+  torch_row = run_torch_subprocess(args)  # first, then JAX takes the device
+  return run_jax(args), torch_row
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the benchmark and prints its JSON lines; a bad argument ends with one line, exit 2."""
   args = parse_args(argv)
   try:
-    # PyTorch runs first, before JAX initialises the device, so neither framework's allocator
-    # holds memory the other needs (JAX preallocates most of a GPU when it starts).
-    torch_row = run_torch(args) if args.compare == "torch" else None
-    jax_row = run_jax(args)
+    if args.compare == "torch":
+      jax_row, torch_row = compare_torch(args)
+    else:
+      jax_row, torch_row = run_jax(args), None
   except ValueError as e:
     print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr, flush=True)
     return 2

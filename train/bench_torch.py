@@ -20,8 +20,9 @@ from collections.abc import Sequence
 
 from train.bench import (
     OPTIMIZERS,
+    Prepared,
     device_label,
-    median_step_seconds,
+    measure,
     mfu,
     parse_model_kwargs,
     peak_flops,
@@ -251,8 +252,8 @@ def _optimizer(name: str, params, lr: float):
   return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)  # optax's defaults
 
 
-def run_torch(args: argparse.Namespace) -> dict:
-  """Times the PyTorch train step (or forward pass) and returns its result row."""
+def prepare(args: argparse.Namespace) -> Prepared:
+  """Builds the PyTorch train step (or forward pass) and runs its first (compiling) step."""
   import torch
 
   cuda = torch.cuda.is_available()
@@ -320,14 +321,24 @@ def run_torch(args: argparse.Namespace) -> dict:
   if cuda:
     torch.cuda.reset_peak_memory_stats()
   first_s = window(1)  # includes compilation under torch.compile
-  if args.warmup:
-    window(args.warmup)
-  step_s = median_step_seconds(window, args.steps, args.repeats)
+
+  def finish(step_s: float) -> dict:
+    return _row(args, step_s, first_s, compiled, channels_last, source, make_step(model))
+
+  return Prepared(window, finish)
+
+
+def _row(args, step_s: float, first_s: float, compiled: bool, channels_last: bool, source: str,
+         eager_step) -> dict:
+  import torch
+
+  cuda = torch.cuda.is_available()
+  b = args.batch_size
   peak_mem = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
   kind = torch.cuda.get_device_name() if cuda else "cpu"
   peak = peak_flops(kind)
   # FLOPs are counted on the eager model: the counter does not see inside compiled graphs.
-  flops = _count_flops(make_step(model)) if peak else None
+  flops = _count_flops(eager_step) if peak else None
   print(f"# torch {args.model} {args.mode}: model from {source}, "
         f"{'torch.compile' if compiled else 'eager'}, channels_last={channels_last}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}", file=sys.stderr)
@@ -392,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   args = parse_args(argv)
   try:
-    row = run_torch(args)
+    (row,) = measure([prepare(args)], steps=args.steps, repeats=args.repeats, warmup=args.warmup)
   except ValueError as e:
     print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr, flush=True)
     return 2
