@@ -43,6 +43,8 @@ CASES = [
     ("unknown_optimizer", ["--config.optimizer=adamax9"], ["config.optimizer='adamax9'"]),
     ("unknown_schedule", ["--config.schedule=zigzag"], ["config.schedule='zigzag'"]),
     ("unknown_dataset_scheme", ["--config.dataset=ftp:/data"], ["unknown scheme 'ftp'"]),
+    ("init_from_missing", ["--config.init_from={missing}/run"],
+     ["config.init_from='{missing}/run'"]),
     ("num_classes_below_labels", ["--config.num_classes=5"], ["num_classes=5", "out of range"]),
     # --- flags and config files ------------------------------------------------------------------
     ("unknown_key", ["--config.bogus_key=1"], ["bogus_key"]),

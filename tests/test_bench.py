@@ -113,9 +113,10 @@ def test_peak_flops_table():
   assert bench.mfu(None, 1.0, 800e12) is None
 
 
-def test_compare_torch_adds_a_torch_row_and_the_ratio(capsys):
+@pytest.mark.parametrize("interleave", ["on", "off"])  # in this process / in a subprocess
+def test_compare_torch_adds_a_torch_row_and_the_ratio(capsys, interleave):
   pytest.importorskip("torch")
-  assert bench.main([*TINY, "--compare", "torch"]) == 0
+  assert bench.main([*TINY, "--compare", "torch", "--interleave", interleave]) == 0
   jax_row, torch_row, ratio = _rows(capsys)
   _check_row(jax_row, framework="jax", mode="train")
   _check_row(torch_row, framework="torch-eager", mode="train")

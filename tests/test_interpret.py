@@ -140,6 +140,9 @@ def test_gradcam_on_registry_cnns():
   with pytest.raises(ValueError, match="'nope'.*feature layers: conv1"):
     gradcam(lenet, variables, x, layer="nope")
 
+
+@pytest.mark.slow
+def test_gradcam_on_a_resnet_with_batch_stats():
   resnet = create_model("resnet_tiny")  # BatchNorm statistics in the variables
   x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
   variables = jax.jit(resnet.init)(jax.random.key(0), x)
@@ -268,7 +271,7 @@ def tiny_run(workdir, **overrides):
   return str(workdir)
 
 
-def test_viz_cli_writes_every_figure_of_a_cnn_and_a_vit_run(tmp_path, capsys):
+def test_viz_cli_writes_the_figures_of_a_cnn_run(tmp_path, capsys):
   from train import viz
 
   cnn = tiny_run(tmp_path / "cnn")
@@ -278,6 +281,15 @@ def test_viz_cli_writes_every_figure_of_a_cnn_and_a_vit_run(tmp_path, capsys):
   printed = capsys.readouterr().out
   stats = json.loads(next(ln for ln in printed.splitlines() if ln.startswith("{")))
   assert sum(stats["support"]) == 359  # the whole eval split: train[80%:] of the 1,797 digits
+  # A ViT figure for a CNN run is a one-line error, exit status 2.
+  assert viz.main(["posemb", "--workdir", cnn]) == 2
+  assert "posemb needs a ViT" in capsys.readouterr().err
+  assert viz.main(["curves", "--workdir", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.slow
+def test_viz_cli_writes_the_figures_of_a_vit_run(tmp_path):
+  from train import viz
 
   vit = tiny_run(tmp_path / "vit", model="vit_tiny", image_size=32, dataset="synthetic:32x32x3:4",
                  train_split="train", eval_split="test")
@@ -286,7 +298,3 @@ def test_viz_cli_writes_every_figure_of_a_cnn_and_a_vit_run(tmp_path, capsys):
     assert viz.main([kind, "--workdir", vit, "--num", "2", "--out", out, "--dpi", "40"]) == 0
   assert sorted(os.listdir(out)) == ["attention_000.png", "attention_001.png", "posemb.png",
                                      "rollout.png"]
-  # A ViT figure for a CNN run is a one-line error, exit status 2.
-  assert viz.main(["posemb", "--workdir", cnn]) == 2
-  assert "posemb needs a ViT" in capsys.readouterr().err
-  assert viz.main(["curves", "--workdir", str(tmp_path / "missing")]) == 2

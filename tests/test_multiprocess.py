@@ -13,9 +13,11 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -65,22 +67,24 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-  """(workdir, [ids read by process 0, by process 1], [stdout of each]) of the 2-process run."""
-  root = tmp_path_factory.mktemp("multiprocess")
-  workdir, port = str(root / "w"), free_port()
+def start_workers(root, workdir: str, settings: dict) -> list[subprocess.Popen]:
+  """Process 0 and 1 of a run on 127.0.0.1, each with 2 CPU devices."""
+  port = free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  procs = [
+  return [
       subprocess.Popen(
           [sys.executable, os.path.abspath(__file__), str(root / f"ids{i}.npy"),
            "--config", "configs/lenet_digits.py", "--workdir", workdir,
-           "--config.progress=lines", *[f"--config.{k}={v}" for k, v in SETTINGS.items()],
+           "--config.progress=lines", *[f"--config.{k}={v}" for k, v in settings.items()],
            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)
   ]
+
+
+def finish_workers(procs: list[subprocess.Popen]) -> list[str]:
+  """Their outputs, once both exited 0."""
   try:
     outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
   finally:
@@ -89,6 +93,15 @@ def two_processes(tmp_path_factory):
         p.kill()
   for p, out in zip(procs, outputs, strict=True):
     assert p.returncode == 0, out
+  return outputs
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+  """(workdir, [ids read by process 0, by process 1], [stdout of each]) of the 2-process run."""
+  root = tmp_path_factory.mktemp("multiprocess")
+  workdir = str(root / "w")
+  outputs = finish_workers(start_workers(root, workdir, SETTINGS))
   ids = [np.load(root / f"ids{i}.npy")[: SETTINGS["total_steps"]] for i in range(2)]
   return workdir, ids, outputs
 
@@ -147,6 +160,30 @@ def test_checkpoint_of_two_processes_resumes_in_one(two_processes, one_process, 
   assert sorted(resumed) == [(15, "train"), (20, "eval"), (20, "train")]
   for key, loss in resumed.items():
     np.testing.assert_allclose(loss, reference[key], rtol=1e-5, err_msg=str(key))
+
+
+def test_sigterm_to_one_process_stops_both_with_a_checkpoint(tmp_path):
+  """A preemption notice reaches hosts at different times: process 0 alone gets it here."""
+  workdir = str(tmp_path / "w")
+  settings = {**SETTINGS, "total_steps": 100000, "checkpoint_every": 0, "eval_every": 0}
+  procs = start_workers(tmp_path, workdir, settings)
+  for line in procs[0].stdout:  # process 0 reports progress; wait until training is under way
+    if "train step 10/" in line:
+      break
+  procs[0].send_signal(signal.SIGTERM)
+  sent = time.time()
+  outputs = finish_workers(procs)
+  assert time.time() - sent < 30
+  saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))]
+  assert len(saved) == 1 and saved[0] % SETTINGS["log_every"] == 0  # agreed at a log step
+  assert f"SIGTERM: saved step {saved[0]}" in outputs[0]
+  # The same workdir continues in a single process (4 devices).
+  resumed = loop.train_and_evaluate(
+      config_with(total_steps=saved[0] + 5, eval_every=0, progress="none"), workdir)
+  logged = [(r["step"], r["split"]) for r in metrics(workdir)]
+  every = SETTINGS["log_every"]
+  assert resumed and logged == [(s, "train") for s in range(every, saved[0] + 1, every)] + [
+      (saved[0] + 5, "train"), (saved[0] + 5, "eval")]
 
 
 if __name__ == "__main__":  # a worker: `python -m train ARGS`, recording the ids it reads

@@ -365,7 +365,7 @@ def _without_donation(executor, config, task):
 
 def torch_command(args: argparse.Namespace) -> list[str]:
   """The `python -m train.bench_torch` command line for the same model, batch and settings."""
-  cmd = [sys.executable, "-m", "train.bench_torch", "--model", args.model,
+  cmd = [args.torch_python or sys.executable, "-m", "train.bench_torch", "--model", args.model,
          "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--mode", args.mode,
          "--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
          "--optimizer", args.optimizer, "--learning-rate", str(args.learning_rate),
@@ -383,11 +383,10 @@ def torch_command(args: argparse.Namespace) -> list[str]:
 
 def run_torch_subprocess(args: argparse.Namespace) -> dict:
   """Runs the PyTorch side in a subprocess (the device to itself) and returns its JSON row."""
-  import importlib.util
-
-  if importlib.util.find_spec("torch") is None:
-    raise ValueError("--compare torch: PyTorch is not installed here (pip install torch)")
-  proc = subprocess.run(torch_command(args), capture_output=True, text=True, check=False)
+  try:
+    proc = subprocess.run(torch_command(args), capture_output=True, text=True, check=False)
+  except OSError as e:
+    raise ValueError(f"--torch-python {args.torch_python!r} cannot run: {e.strerror}") from None
   sys.stderr.write(proc.stderr)
   if proc.returncode:
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
@@ -457,6 +456,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="with --compare: alternate JAX and PyTorch windows in one process (auto: on "
                       "a CPU host, where load from other processes then hits both alike); off: "
                       "PyTorch first in a subprocess, then JAX (auto on accelerators)")
+  p.add_argument("--torch-python", default="",
+                 help="with --compare: run the PyTorch side with this interpreter (another virtual "
+                      "environment, e.g. when jax[cuda12] and torch's CUDA wheels disagree on "
+                      "cuDNN); implies --interleave off")
   p.add_argument("--torch-compile", choices=("auto", "on", "off"), default="auto",
                  help="PyTorch side: torch.compile on (CUDA default) or eager (CPU default)")
   p.add_argument("--torch-channels-last", choices=("on", "off"), default="on",
@@ -474,6 +477,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _interleave(args: argparse.Namespace) -> bool:
   """Whether both frameworks run in this process with alternating windows (--interleave)."""
+  if args.torch_python:
+    return False  # another interpreter: necessarily a subprocess
   if args.interleave != "auto":
     return args.interleave == "on"
   import jax
@@ -484,12 +489,15 @@ def _interleave(args: argparse.Namespace) -> bool:
 
 
 def compare_torch(args: argparse.Namespace) -> tuple[dict, dict]:
-  """The JAX and PyTorch rows of the same model, batch, optimizer and loss."""
+  """The JAX and PyTorch rows of the same model, batch, optimizer and loss.
+
+  Sets XLA_PYTHON_CLIENT_PREALLOCATE=false (unless set) so JAX does not take most of an
+  accelerator's memory up front while PyTorch still needs it.
+  """
   import importlib.util
 
-  if importlib.util.find_spec("torch") is None:
+  if not args.torch_python and importlib.util.find_spec("torch") is None:
     raise ValueError("--compare torch: PyTorch is not installed here (pip install torch)")
-  # JAX must not take most of an accelerator's memory up front while PyTorch runs beside it.
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   if _interleave(args):
     from train import bench_torch

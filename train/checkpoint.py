@@ -135,7 +135,11 @@ def restore_params(directory: str, step: int | None = None) -> tuple[dict, dict]
   step = manager.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"init_from: no checkpoint found in {directory}")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  # Onto one local device, whatever topology wrote it (a bare restore insists on the same one).
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        _state_metadata(manager, step))
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   state = restored["state"]
   to_host = lambda tree: jax.tree.map(lambda x: jax.device_get(x), tree)
   return to_host(state["params"]), to_host(state.get("batch_stats", {}) or {})

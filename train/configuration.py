@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 
 from train.optim import OPTIMIZERS, SCHEDULES
@@ -52,6 +53,10 @@ def validate(config) -> None:
   need(config.progress in ("auto", "bar", "lines", "none"), "progress",
        "choose 'auto', 'bar', 'lines' or 'none'")
   need(config.stop_at_step >= 0, "stop_at_step", "must be >= 0")
+  if config.init_from and not os.path.exists(config.init_from):
+    # Checked here, before the workdir is touched; the loop reads it only once it knows the run
+    # starts afresh.
+    raise ValueError(f"config.init_from={config.init_from!r}: no such file or directory")
   if config.freeze:
     try:
       re.compile(config.freeze)

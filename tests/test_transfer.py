@@ -1,0 +1,138 @@
+"""Transfer learning: init_from (workdir, .npz, .msgpack), new heads, frozen backbones, ViT
+position-embedding resampling, normalisation warnings."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import serialization
+
+from configs import base, lenet_digits
+from jaxvision.models import create_model
+from train import loop, transfer
+from train.checkpoint import restore_params
+from train.state import create_train_state
+
+
+def small_config(**overrides):
+  c = lenet_digits.get_config()
+  c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 6, 3, 0, 0
+  c.batch_size, c.progress = 32, "none"
+  for key, value in overrides.items():
+    target = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    with c.unlocked():
+      target[leaf] = value
+  return c
+
+
+def flat(tree):
+  return {k: np.asarray(v) for k, v in transfer.flatten(tree).items()}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  """A LeNet trained a few steps on digits: the source of every transfer below."""
+  workdir = str(tmp_path_factory.mktemp("pretrained"))
+  loop.train_and_evaluate(small_config(eval_split=""), workdir)
+  return workdir
+
+
+def fresh_state(model_name="lenet", ema=False, **model_kwargs):
+  model = create_model(model_name, **model_kwargs)
+  shape = (1, 28, 28, 1) if model_name == "lenet" else (1, 32, 32, 3)
+  if "image_size" in model_kwargs:
+    shape = (1, model_kwargs["image_size"], model_kwargs["image_size"], 3)
+  init = jax.jit(lambda rng: create_train_state(model, optax.adam(1e-3), rng, shape, ema=ema))
+  return init(jax.random.key(42))
+
+
+def test_finetune_with_frozen_backbone_and_a_new_head(pretrained, tmp_path, caplog):
+  source, _ = restore_params(f"{pretrained}/checkpoints")
+  caplog.set_level(logging.WARNING, logger="train")
+  config = small_config(init_from=pretrained, freeze="^(?!head/)", num_classes=12,
+                        learning_rate=1e-2, eval_split="")
+  loop.train_and_evaluate(config, str(tmp_path))
+  tuned, _ = restore_params(str(tmp_path / "checkpoints"))
+  before, after = flat(source), flat(tuned)
+  assert after["head/kernel"].shape == (84, 12) and after["head/bias"].shape == (12,)
+  for path, value in after.items():
+    if not path.startswith("head/"):
+      assert value.tobytes() == before[path].tobytes(), f"frozen {path} changed"
+  # The new head was trained: it differs from a fresh init (same seed) after the steps.
+  initial = flat(fresh_state(num_classes=12, ema=False).params)
+  assert not np.array_equal(after["head/kernel"], initial["head/kernel"])
+  assert "kept 2 as initialised" in caplog.text and "head/kernel (shape (84, 10) there" in caplog.text
+
+
+def test_without_freeze_every_parameter_moves(pretrained, tmp_path):
+  source, _ = restore_params(f"{pretrained}/checkpoints")
+  loop.train_and_evaluate(small_config(init_from=pretrained, eval_split=""), str(tmp_path))
+  tuned, _ = restore_params(str(tmp_path / "checkpoints"))
+  changed = [p for p, v in flat(tuned).items() if not np.array_equal(v, flat(source)[p])]
+  assert sorted(changed) == sorted(flat(source))
+
+
+def test_init_from_round_trips_through_workdir_npz_and_msgpack(pretrained, tmp_path):
+  params, _ = restore_params(f"{pretrained}/checkpoints")
+  npz = transfer.export_npz(str(tmp_path / "w.npz"), params)
+  packed = tmp_path / "w.msgpack"
+  packed.write_bytes(serialization.msgpack_serialize({"params": jax.tree.map(np.asarray, params)}))
+  config = small_config(ema_decay=0.9)
+  for source in (pretrained, f"{pretrained}/checkpoints", npz, str(packed)):
+    state = transfer.initialize_from(fresh_state(ema=True), source, config)
+    for tree in (state.params, state.ema_params):  # EMA starts at the loaded weights
+      got = flat(tree)
+      for path, value in flat(params).items():
+        assert got[path].tobytes() == value.tobytes(), f"{source}: {path}"
+
+
+def test_vit_posemb_is_resampled_and_block_layouts_convert(tmp_path):
+  small = create_model("vit_tiny")  # 32 px, 8-px patches: 4x4 grid
+  params = jax.jit(small.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  npz = transfer.export_npz(str(tmp_path / "vit.npz"), params)
+  config = base.get_config()
+  config.model, config.image_size, config.num_classes = "vit_tiny", 48, 10
+  config.model_kwargs = {"image_size": 48, "scan": True}
+  state = fresh_state("vit_tiny", image_size=48, scan=True)
+  loaded = transfer.initialize_from(state, npz, config)
+  pe = np.asarray(loaded.params["pos_embed"])
+  assert pe.shape == (1, 1 + 36, 32)
+  np.testing.assert_array_equal(pe[0, 0], np.asarray(params["pos_embed"])[0, 0])  # class token
+  np.testing.assert_allclose(pe[0, 1:].mean(0), np.asarray(params["pos_embed"])[0, 1:].mean(0),
+                             atol=0.02)
+  # Loop-layout blocks_0 / blocks_1 land in the scan layout's stacked 'blocks'.
+  np.testing.assert_array_equal(loaded.params["blocks"]["attn"]["qkv"]["kernel"][1],
+                                params["blocks_1"]["attn"]["qkv"]["kernel"])
+  np.testing.assert_array_equal(loaded.params["head"]["kernel"], params["head"]["kernel"])
+
+
+def test_bad_init_from_is_a_clear_error(tmp_path):
+  config = small_config()
+  with pytest.raises(FileNotFoundError, match="no such file"):
+    transfer.initialize_from(fresh_state(), str(tmp_path / "nope"), config)
+  np.savez(tmp_path / "other.npz", **{"params/dense/kernel": np.zeros((3, 3))})
+  with pytest.raises(ValueError, match="none of its 1 arrays fits model 'lenet'"):
+    transfer.initialize_from(fresh_state(), str(tmp_path / "other.npz"), config)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="neither a trainer workdir"):
+    transfer.initialize_from(fresh_state(), str(tmp_path / "empty"), config)
+  (tmp_path / "w.bin").write_bytes(b"x")
+  with pytest.raises(ValueError, match=r"expected a trainer workdir.*\.npz"):
+    transfer.initialize_from(fresh_state(), str(tmp_path / "w.bin"), config)
+
+
+def test_normalization_mismatch_is_reported(pretrained, caplog):
+  caplog.set_level(logging.WARNING, logger="train")
+  config = small_config()
+  config.data.normalize = "mnist"  # the source run used 'half'
+  transfer.initialize_from(fresh_state(), pretrained, config)
+  assert "data.normalize='half' but this run uses 'mnist'" in caplog.text
+  assert transfer.pretrained_normalization("torchvision") == "imagenet"
+  with pytest.raises(ValueError, match="unknown weight source"):
+    transfer.pretrained_normalization("nope")
