@@ -90,7 +90,8 @@ def parse_class_weights(value, num_classes: int) -> tuple[float, ...] | None:
     try:
       value = [float(v) for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
     except ValueError:
-      raise ValueError(f"config.class_weights={value!r}: expected comma-separated numbers") from None
+      raise ValueError(
+          f"config.class_weights={value!r}: expected comma-separated numbers") from None
   weights = tuple(float(v) for v in value)
   if len(weights) != num_classes:
     raise ValueError(f"config.class_weights has {len(weights)} values for {num_classes} classes")

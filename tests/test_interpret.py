@@ -38,7 +38,8 @@ def bright_squares(n, seed, size=28, side=6):
 
   def corner(quadrant):
     qr, qc = divmod(int(quadrant), 2)
-    return (qr * half + rng.integers(0, half - side + 1), qc * half + rng.integers(0, half - side + 1))
+    top, left = rng.integers(0, half - side + 1, size=2)
+    return qr * half + top, qc * half + left
 
   for i, c in enumerate(labels):
     r, col = corner(c % 4)
@@ -85,7 +86,8 @@ def square_net():
   @jax.jit
   def step(params, opt, x, y):
     def loss(p):
-      return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
+      logits = model.apply({"params": p}, x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     grads = jax.grad(loss)(params)
     updates, opt = tx.update(grads, opt, params)
@@ -195,7 +197,7 @@ def test_posemb_similarity_of_a_position_with_itself_is_one(vit):
   np.testing.assert_allclose(sim, sim.transpose(2, 3, 0, 1), atol=1e-6)
 
 
-# --- Confusion and figures ---------------------------------------------------------------------------
+# --- Confusion and figures ----------------------------------------------------------------------
 
 
 def test_confusion_and_per_class_precision_recall():
@@ -254,7 +256,7 @@ def test_plots_without_matplotlib_name_the_extra(monkeypatch):
     plots.new_figure(1, 1)
 
 
-# --- python -m train.viz ---------------------------------------------------------------------------
+# --- python -m train.viz ------------------------------------------------------------------------
 
 
 def tiny_run(workdir, **overrides):

@@ -141,7 +141,7 @@ def run(kind: str, args) -> list[str]:
     result = gradcam(model, variables, images, layer=args.layer or None,
                      class_index=args.class_index)
     predicted = np.asarray(result.class_index)
-    titles = [f"label {y} / cam {p}" for y, p in zip(data["label"], predicted)]
+    titles = [f"label {y} / cam {p}" for y, p in zip(data["label"], predicted, strict=True)]
     fig = plots.overlay_grid(images, np.asarray(result.heatmaps), titles=titles, dpi=args.dpi,
                              suptitle=f"Grad-CAM of {config.model} at layer {result.layer}")
     return [plots.save_figure(fig, os.path.join(out, "gradcam.png"))]
@@ -183,7 +183,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
       prog="python -m train.viz", description=__doc__.split("\n\n")[0],
       epilog=__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("kind", choices=KINDS, help="which figure to draw")
-  parser.add_argument("--workdir", required=True, help="trainer workdir (config.json, checkpoints/)")
+  parser.add_argument("--workdir", required=True,
+                      help="trainer workdir (config.json, checkpoints/)")
   parser.add_argument("--out", default="", help="output directory (default WORKDIR/viz)")
   parser.add_argument("--split", default="", help="data split (default: the run's eval split)")
   parser.add_argument("--num", type=int, default=16, help="examples to draw (not for confusion)")

@@ -125,7 +125,7 @@ def _family(name: str) -> tuple[Any, _Family]:
 
 
 def _expected(name: str, num_classes: int, in_channels: int, options: dict) -> tuple[Any, dict]:
-  """The variant's model and its abstract variables {(collection, *path, leaf): ShapeDtypeStruct}."""
+  """The variant's model and abstract variables {(collection, *path, leaf): ShapeDtypeStruct}."""
   model = create_model(name, num_classes=num_classes, **options)
   h, w, _ = model_info(name).input_shape
   rng = jax.random.key(0)
@@ -199,7 +199,7 @@ def _raise(direction: str, name: str, missing, unexpected, misshaped) -> None:
 def state_dict_layout(
     name: str, *, num_classes: int | None = None, in_channels: int = 3, **options
 ) -> dict[str, tuple[int, ...]]:
-  """The torchvision state-dict keys and shapes that variant `name`, built with `options`, maps to."""
+  """The torchvision state-dict keys and shapes of variant `name` built with `options`."""
   model, family = _family(name)
   if num_classes is None:
     num_classes = model_info(name).num_classes

@@ -212,7 +212,9 @@ def cam_from_gradients(activations: jax.Array, grads: jax.Array) -> jax.Array:
   return jax.nn.relu(jnp.einsum("bhwc,bc->bhw", activations, alpha))
 
 
-def layer_activations(model: nn.Module, variables: dict, images: jax.Array, layer: str) -> jax.Array:
+def layer_activations(
+    model: nn.Module, variables: dict, images: jax.Array, layer: str
+) -> jax.Array:
   """The activations of `layer` for `images`, as a function jax can differentiate."""
   _, perturbed = _check_layer(model, variables, images, layer)
   return _forward(model, variables, images, layer, perturbed)[1].astype(jnp.float32)

@@ -223,10 +223,11 @@ def confusion_figure(
   y = np.arange(k)
   bars.barh(y - 0.2, np.nan_to_num(stats["precision"]), height=0.4, label="precision")
   bars.barh(y + 0.2, np.nan_to_num(stats["recall"]), height=0.4, label="recall")
-  bars.set_yticks(y, [f"{n} (n={s})" for n, s in zip(names, stats["support"])], fontsize=7)
+  ticks = [f"{n} (n={s})" for n, s in zip(names, stats["support"], strict=True)]
+  bars.set_yticks(y, ticks, fontsize=7)
   bars.invert_yaxis()
   bars.set_xlim(0, 1.0)
-  for i, (p, r) in enumerate(zip(stats["precision"], stats["recall"])):
+  for i, (p, r) in enumerate(zip(stats["precision"], stats["recall"], strict=True)):
     for value, dy in ((p, -0.2), (r, 0.2)):
       if not np.isnan(value):
         bars.text(0.01, i + dy, f"{value:.3f}", va="center", fontsize=6, color="white")
@@ -277,7 +278,7 @@ def curves_figure(rows: list[dict], *, metrics: Sequence[str] | None = None, dpi
       points = [(r["step"], r[metric]) for r in rows
                 if r.get("split") == split and isinstance(r.get(metric), (int, float))]
       if points:
-        steps, values = zip(*points)
+        steps, values = zip(*points, strict=True)
         ax.plot(steps, values, style, markersize=3, label=split)
     ax.set_title(metric, fontsize=9)
     ax.set_xlabel("step", fontsize=8)
@@ -312,7 +313,7 @@ def segmentation_figure(
     errors[wrong] = (1.0, 0.1, 0.1)
     panels = (rgb, colors[np.clip(mask, 0, k - 1)], colors[predictions[i] % len(colors)], errors)
     captions = ("image", "mask", "prediction", f"errors {wrong.mean():.1%}")
-    for j, (panel, caption) in enumerate(zip(panels, captions)):
+    for j, (panel, caption) in enumerate(zip(panels, captions, strict=True)):
       ax = fig.add_subplot(len(images), 4, 4 * i + j + 1)
       _axes_off(ax)
       ax.imshow(panel, vmin=0, vmax=1, interpolation="nearest")

@@ -8,10 +8,11 @@ Max-pools use ceil mode. Parameter names follow torchvision (`conv1/conv`, `conv
 
 Auxiliary heads (`aux_logits=True`; off by default) sit after inception4a and inception4d. They
 run in train mode only, and `__call__` still returns just the main logits: the auxiliary logits
-are sown under the 'aux' collection as `aux1_logits` and `aux2_logits`. To train with them, apply with
-`mutable=['batch_stats', 'aux']` and add their losses (the paper weights each by 0.3); a trainer
-that does not ask for 'aux' trains the main head alone. `transform_input=True` maps
-ImageNet-normalized inputs to the [-1, 1] scaling torchvision's pretrained weights expect.
+are sown under the 'aux' collection as `aux1_logits` and `aux2_logits`. To train with them,
+apply with `mutable=['batch_stats', 'aux']` and add their losses (the paper weights each by
+0.3); a trainer that does not ask for 'aux' trains the main head alone (the aux heads then get
+no gradient). `transform_input=True` maps ImageNet-normalized inputs to the [-1, 1] scaling
+torchvision's pretrained weights expect.
 
 Feature maps sown under 'intermediates': `stem` (after the second max-pool), `stage3`,
 `stage4`, `stage5` (the outputs of inception3b, 4e and 5b), and `feature_map` (= `stage5`, the last

@@ -62,7 +62,9 @@ class LeNet(nn.Module):
     return nn.Dense(self.num_classes, name="head", **kw)(x)
 
 
-@register_model(input_shape=(28, 28, 1), num_classes=10, paper="LeCun et al. 1998, Gradient-based learning")
+@register_model(
+    input_shape=(28, 28, 1), num_classes=10, paper="LeCun et al. 1998, Gradient-based learning"
+)
 def lenet(**kwargs) -> LeNet:
   """LeNet-5, classic sigmoid + average-pool version."""
   return LeNet(**kwargs)

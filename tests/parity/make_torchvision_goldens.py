@@ -9,8 +9,9 @@ For each case it builds the jaxvision variant with deterministic weights made by
 seed (`deterministic_variables`, numpy only, so every machine makes the same bits), converts them
 with `to_torch`, loads them strictly into the torchvision model, runs it in eval mode on a fixed
 input (`deterministic_input`) and saves its logits, with the state dict's keys and shapes, to
-goldens/CASE.npz. It also saves goldens/torchvision_layouts.npz: the state-dict keys and shapes
-of every torchvision builder jaxvision has a variant for, built with torchvision's defaults.
+goldens/torchvision_CASE.npz. It also saves goldens/torchvision_layouts.npz: the state-dict
+keys and shapes of every torchvision builder jaxvision has a variant for, with torchvision's
+defaults.
 
 A torchvision wheel built for CUDA beside a CPU-only torch cannot load its C operators and fails
 on import; the classification models never use those operators, so in that case the two
@@ -29,7 +30,8 @@ import numpy as np
 GOLDENS = pathlib.Path(__file__).resolve().parent / "goldens"
 SEED = 0
 BATCH = 2
-LAYOUTS_FILE = "torchvision_layouts.npz"
+PREFIX = "torchvision_"  # the goldens folder is shared with other reference libraries
+LAYOUTS_FILE = PREFIX + "layouts.npz"
 _KEEP_ALIVE: list = []
 
 # case -> (jaxvision variant, kwargs for both jaxvision and torchvision, input size). At least
@@ -132,7 +134,7 @@ def _layout_lines(state_dict) -> np.ndarray:
 
 
 def make_case(case: str, torchvision) -> pathlib.Path:
-  """Runs one case through torchvision and writes goldens/CASE.npz."""
+  """Runs one case through torchvision and writes goldens/torchvision_CASE.npz."""
   import torch
 
   from jaxvision.convert import to_torch
@@ -146,7 +148,7 @@ def make_case(case: str, torchvision) -> pathlib.Path:
   x = deterministic_input(size)
   with torch.no_grad():
     logits = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-  path = GOLDENS / f"{case}.npz"
+  path = GOLDENS / f"{PREFIX}{case}.npz"
   np.savez_compressed(
       path, logits=logits.astype(np.float32), layout=_layout_lines(model.state_dict()),
       meta=np.array(json.dumps({

@@ -8,15 +8,17 @@ do not pass). Regenerate the goldens with that script on any machine where torch
 import json
 
 import jax
+import make_torchvision_goldens as gen
 import numpy as np
 import pytest
 
-import make_torchvision_goldens as gen
 from jaxvision.convert import to_torch
 from jaxvision.convert.torchvision_cnn import state_dict_layout
 from jaxvision.models import create_model
 
-GOLDEN_FILES = sorted(p for p in gen.GOLDENS.glob("*.npz") if p.name != gen.LAYOUTS_FILE)
+GOLDEN_FILES = sorted(
+    p for p in gen.GOLDENS.glob(gen.PREFIX + "*.npz") if p.name != gen.LAYOUTS_FILE)
+CASE_OF = {p: p.stem.removeprefix(gen.PREFIX) for p in GOLDEN_FILES}
 LAYOUTS = gen.GOLDENS / gen.LAYOUTS_FILE
 # One case per family runs by default; the others add block types already covered there.
 SLOW = {"vgg11", "resnet50", "wide_resnet50_2"}
@@ -27,7 +29,7 @@ def _layout(lines) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    "path", [pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if p.stem in SLOW else [])
+    "path", [pytest.param(p, id=CASE_OF[p], marks=[pytest.mark.slow] if CASE_OF[p] in SLOW else [])
              for p in GOLDEN_FILES])
 def test_logits_match_torchvision(path):
   golden = np.load(path)
@@ -50,7 +52,7 @@ def test_logits_match_torchvision(path):
 
 
 def test_every_case_has_a_golden():
-  assert sorted(p.stem for p in GOLDEN_FILES) == sorted(gen.CASES)
+  assert sorted(CASE_OF.values()) == sorted(gen.CASES)
 
 
 @pytest.mark.parametrize("name", gen.TORCHVISION_VARIANTS)
