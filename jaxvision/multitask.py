@@ -12,8 +12,9 @@ regression target is derived from the batch itself, so any classification datase
     is measured on the mixed image, so it stays exact.
   * 'label': the class index as a number (0..K-1); with soft labels (mixup) their expected index.
 
-Eval reports the classification metrics plus mae, mse and r2 of the regression
-(r2 = 1 - mse / variance of the target over the eval set).
+Eval reports the classification metrics ('loss' is the cross-entropy alone, comparable with a
+single-task run) plus mae, mse and r2 of the regression (r2 = 1 - mse / variance of the target
+over the eval set).
 """
 
 from __future__ import annotations

@@ -123,3 +123,31 @@ def test_compare_torch_adds_a_torch_row_and_the_ratio(capsys, interleave):
   assert torch_row["compile_s"] is None  # eager: nothing compiled
   assert ratio["ratio_jax_over_torch"] == pytest.approx(
       jax_row["images_per_sec"] / torch_row["images_per_sec"])
+
+
+def test_model_flops_ignore_scan_and_remat():
+  """XLA counts a scanned body once and recomputed work twice; MFU uses the plain network's."""
+  import jax
+
+  from jaxvision.tasks import get_task
+  from train.loop import build_model
+  from train.optim import create_optimizer
+
+  def flops(kwargs: str, mode: str) -> tuple[float, float]:
+    args = bench.parse_args(["--model", "vit_tiny", "--batch-size", "2", "--image-size", "16",
+                             "--dtype", "float32", "--model-kwargs", kwargs])
+    config, shape = bench.build_config(args)
+    task = get_task(config.task, num_classes=config.num_classes, config=config)
+    tx = create_optimizer(config, 10)
+    model = build_model(config)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros(shape)))
+    own = bench.flops_of(jax.jit(lambda v, x: model.apply(v, x)).lower(
+        variables, jax.ShapeDtypeStruct((2, *shape[1:]), "float32")))
+    return own, bench._plain_model_flops(config, shape, task, tx, mode)
+
+  plain_own, plain = flops("remat=False", "infer")
+  assert plain_own == pytest.approx(plain)
+  scan_own, scan_plain = flops("scan=True", "infer")
+  assert scan_own < 0.75 * plain and scan_plain == pytest.approx(plain)
+  _, train_plain = flops("scan=True,remat=True", "train")
+  assert train_plain > 2 * plain  # forward + backward

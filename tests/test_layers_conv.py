@@ -74,13 +74,14 @@ def _reference_conv(x, kernel, strides, pad, groups):
 
 @pytest.mark.parametrize("strides,pad,groups", [(1, 1, 1), (2, 1, 2), (2, 0, 4)])
 def test_conv_matches_reference(strides, pad, groups):
-  x = np.random.default_rng(0).standard_normal((2, 7, 6, 8)).astype(np.float32)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 7, 6, 8)).astype(np.float32)
   layer = ConvNormAct(8, 3, strides, pad, groups=groups, norm="none", act=None)
-  variables = layer.init(jax.random.key(0), x)
-  kernel = np.asarray(variables["params"]["conv"]["kernel"])
-  assert kernel.shape == (3, 3, 8 // groups, 8)
-  np.testing.assert_allclose(
-      layer.apply(variables, x), _reference_conv(x, kernel, strides, pad, groups), atol=1e-5)
+  shapes = jax.eval_shape(layer.init, jax.random.key(0), x)
+  assert shapes["params"]["conv"]["kernel"].shape == (3, 3, 8 // groups, 8)
+  kernel = rng.standard_normal((3, 3, 8 // groups, 8)).astype(np.float32)
+  y = jax.jit(layer.apply)({"params": {"conv": {"kernel": kernel}}}, x)
+  np.testing.assert_allclose(y, _reference_conv(x, kernel, strides, pad, groups), atol=1e-5)
 
 
 def _reference_max_pool(x, window, stride, pad, ceil_mode):
@@ -169,9 +170,10 @@ def test_batch_norm_train_updates_running_stats_eval_uses_them():
 
 def test_conv_norm_act_dtype_policy():
   layer = ConvNormAct(4, 3, dtype=jnp.bfloat16)
-  x = jnp.ones((2, 5, 5, 3))
-  variables = layer.init(jax.random.key(0), x)
-  y, _ = layer.apply(variables, x, train=True, mutable=["batch_stats"])
+  x = jax.ShapeDtypeStruct((2, 5, 5, 3), jnp.float32)
+  variables = jax.eval_shape(layer.init, jax.random.key(0), x)
+  y, _ = jax.eval_shape(
+      lambda v, x: layer.apply(v, x, train=True, mutable=["batch_stats"]), variables, x)
   assert y.dtype == jnp.bfloat16
   assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
 

@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 RESULT_KEYS = ("model", "framework", "mode", "batch_size", "dtype", "images_per_sec", "step_ms",
                "mfu", "compile_s", "peak_mem_gb", "device")
 OPTIMIZERS = ("momentum", "sgd", "adam")
+# Model options under which XLA's FLOP count is not the model's (see _plain_model_flops).
+_FLOP_HIDING_KWARGS = ("scan", "remat")
 
 # Dense bf16 peak per device, in TFLOP/s, matched by substring of the lowercased device kind
 # (first match wins, so the more specific names come first). MFU is always taken against this
@@ -239,10 +241,12 @@ class Prepared:
   """A compiled, warmed-up-able benchmark of one framework.
 
   Attributes:
+    name: the framework, for the notes on stderr.
     window: runs n steps and returns their wall time in seconds, blocking until they are done.
     finish: the result row for a measured step time in seconds.
   """
 
+  name: str
   window: Callable[[int], float]
   finish: Callable[[float], dict]
 
@@ -257,9 +261,17 @@ def measure(prepared: Sequence[Prepared], *, steps: int, repeats: int, warmup: i
     for p in prepared:
       p.window(warmup)
   times: list[list[float]] = [[] for _ in prepared]
+  cpu_times: list[list[float]] = [[] for _ in prepared]
   for _ in range(repeats):
-    for p, t in zip(prepared, times, strict=True):
+    for p, t, c in zip(prepared, times, cpu_times, strict=True):
+      cpu_start = time.process_time()
       t.append(p.window(steps) / steps)
+      c.append((time.process_time() - cpu_start) / steps)
+  for p, t, c in zip(prepared, times, cpu_times, strict=True):
+    # CPU time of the whole process (all threads): on a host shared with other jobs it is the
+    # steadier measure of the work a CPU step needs; wall time is what the JSON reports.
+    print(f"# {p.name}: step wall ms {[round(1000 * x, 1) for x in t]}, process CPU ms "
+          f"{[round(1000 * x, 1) for x in c]}", file=sys.stderr)
   return [p.finish(statistics.median(t)) for p, t in zip(prepared, times, strict=True)]
 
 
@@ -322,11 +334,14 @@ def prepare_jax(args: argparse.Namespace) -> Prepared:
     # The compiled module's count; where a backend leaves an op uncounted (a library call it
     # cannot see into), the count falls to 0 and the unoptimised module's count stands in.
     flops = flops_of(compiled) or flops_of(lowered)
+    if _loops_or_recomputes(config):
+      plain = _plain_model_flops(config, input_shape, task, tx, args.mode)
+      flops = plain / executor.num_devices if plain else None
     devices = jax.devices()[: executor.num_devices]
     kind = devices[0].device_kind
-    print(f"# jax {args.model} {args.mode}: {flops_of(compiled) or 0:.4g} FLOPs/step per device "
-          f"compiled ({flops_of(lowered) or 0:.4g} before optimisation); XLA memory estimate: "
-          f"{_memory_note(compiled)}", file=sys.stderr)
+    print(f"# jax {args.model} {args.mode}: model FLOPs/step per device {flops or 0:.4g} "
+          f"(XLA counts {flops_of(compiled) or 0:.4g} compiled, {flops_of(lowered) or 0:.4g} "
+          f"before optimisation); XLA memory estimate: {_memory_note(compiled)}", file=sys.stderr)
     return result_row(
         model=args.model, framework="jax", mode=args.mode, batch_size=args.batch_size,
         dtype=args.dtype, images_per_sec=args.batch_size / step_s, step_ms=1000.0 * step_s,
@@ -334,7 +349,46 @@ def prepare_jax(args: argparse.Namespace) -> Prepared:
         peak_mem_gb=peak_memory_gb(devices), device=device_label(kind, len(devices)),
     )
 
-  return Prepared(window, finish)
+  return Prepared("jax", window, finish)
+
+
+def _loops_or_recomputes(config) -> bool:
+  return any(bool(config.model_kwargs.get(k, False)) for k in _FLOP_HIDING_KWARGS)
+
+
+def _plain_model_flops(config, input_shape, task, tx, mode: str) -> float | None:
+  """FLOPs of the same step for the network without scan / remat (abstract lowering, no compile).
+
+  XLA's cost analysis counts a scanned loop body once, not once per layer, and counts
+  rematerialised work twice; MFU is defined on the model's own FLOPs, so they come from the
+  unrolled, non-recomputing network.
+  """
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+
+  from train import parallel, step
+  from train.loop import build_model
+  from train.state import create_train_state
+
+  plain = config.copy_and_resolve_references()
+  for key in _FLOP_HIDING_KWARGS:
+    if key in plain.model_kwargs:
+      plain.model_kwargs[key] = False
+  model = build_model(plain)
+  state = jax.eval_shape(functools.partial(
+      create_train_state, model, tx, input_shape=input_shape, ema=bool(config.ema_decay)),
+      jax.random.key(0))
+  shape = (config.batch_size, *input_shape[1:])
+  image = jax.ShapeDtypeStruct(shape, jnp.float32)
+  if mode == "infer":
+    forward = jax.jit(lambda variables, images: model.apply(variables, images, train=False))
+    return flops_of(forward.lower(state.variables(state.params), image))
+  labels = shape[:3] if config.task == "segmentation" else shape[:1]
+  batch = {"image": image, "label": jax.ShapeDtypeStruct(labels, jnp.int32)}
+  train = jax.jit(functools.partial(step.train_step, **parallel._step_kwargs(config, task)))  # noqa: SLF001
+  return flops_of(train.lower(state, batch, jax.random.key(1)))
 
 
 def run_jax(args: argparse.Namespace) -> dict:

@@ -325,7 +325,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
   def finish(step_s: float) -> dict:
     return _row(args, step_s, first_s, compiled, channels_last, source, make_step(model))
 
-  return Prepared(window, finish)
+  return Prepared("torch-compile" if compiled else "torch-eager", window, finish)
 
 
 def _row(args, step_s: float, first_s: float, compiled: bool, channels_last: bool, source: str,

@@ -13,12 +13,14 @@ of the save that will reach that step again), and the previous one is used.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import sys
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -63,6 +65,8 @@ def save(
     *, force: bool = False,
 ) -> None:
   """Starts an asynchronous save of `state` and `record` at `step`."""
+  # Orbax keeps no checksum of the arrays: a bit flipped on disk would restore silently.
+  record = {**record, "checksums": checksums(state)}
   args = ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record))
   best = {k: float(v) for k, v in (metrics or {}).items()} or None
   manager.save(step, args=args, metrics=best, force=force)
@@ -119,6 +123,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, model: str
       restored = manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
       )
+      _verify(restored["state"], record)
       error = None
     except Exception as e:  # noqa: BLE001
       error = e
@@ -141,6 +146,10 @@ def restore_params(directory: str, step: int | None = None) -> tuple[dict, dict]
                         _state_metadata(manager, step))
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   state = restored["state"]
+  try:
+    _verify(state, read_record(manager, step))
+  except CheckpointCorrupted as e:
+    raise CheckpointError(f"checkpoint {step_dir(manager, step)}: {e}") from None
   to_host = lambda tree: jax.tree.map(lambda x: jax.device_get(x), tree)
   return to_host(state["params"]), to_host(state.get("batch_stats", {}) or {})
 
@@ -163,6 +172,54 @@ def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
 
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {"/".join(key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+class CheckpointCorrupted(ValueError):
+  """Restored arrays that differ from what was saved."""
+
+
+def checksums(state) -> dict[str, int]:
+  """{leaf name: 32-bit checksum of its bits}; a flipped bit always changes its leaf's value.
+
+  Computed on device (one small reduction per leaf), so only the numbers reach the host.
+  """
+  leaves = jax.tree_util.tree_leaves(state)
+  if not leaves:
+    return {}
+  sharding = getattr(leaves[0], "sharding", None)
+  replicated = None
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  values = jax.device_get(_fingerprint(replicated)(leaves))
+  return dict(zip(_leaf_shapes(state), (int(v) for v in values), strict=True))
+
+
+@functools.cache
+def _fingerprint(out_sharding):
+  def leaf_sum(x):
+    if x.dtype == jnp.bool_:
+      bits = x.astype(jnp.uint32)
+    else:
+      unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+      bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    bits = bits.reshape(-1)
+    # Odd weights that depend on the position: a changed bit or two swapped values always show.
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) | jnp.uint32(1)
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+  return jax.jit(lambda leaves: jnp.stack([leaf_sum(x) for x in leaves]),
+                 out_shardings=out_sharding)
+
+
+def _verify(state, record: dict) -> None:
+  """Raises CheckpointCorrupted naming the first leaf whose checksum differs from the saved one."""
+  saved = record.get("checksums")
+  if not saved:  # written before checksums were recorded
+    return
+  for name, value in checksums(state).items():
+    if name in saved and saved[name] != value:
+      raise CheckpointCorrupted(f"{name} does not match the checksum saved with it (the file "
+                                "changed after it was written)")
 
 
 def _first_difference(saved: dict, wanted: dict) -> str:

@@ -4,12 +4,20 @@ The class score's gradient with respect to a layer's activations A (B, h, w, C),
 the positions, gives one weight per channel; the weighted sum of the channels, rectified, is the
 map of where the evidence for the class lies. It is upsampled to the image and scaled to [0, 1].
 
-The layer is a submodule, named by its '/'-joined path (`conv2` in LeNet, `layer3_1` in a ResNet,
-`features_10` ...); its output is A. To get dA without editing the model, a method interceptor
-(`flax.linen.intercept_methods`) adds a zero tensor `delta` to that submodule's output and
-`jax.grad` is taken with respect to `delta`: d score / d delta = d score / d A at delta = 0.
-Feature maps that a parent computes inline (an activation after a conv submodule) are not
-submodules; Grad-CAM then sees the conv's pre-activation output, which the final ReLU handles.
+A layer is named in one of two ways:
+
+  * a submodule, by its '/'-joined path (`conv2` in LeNet, `layer3_0` in a ResNet, `block2`):
+    A is its output. To get dA without editing the model, a method interceptor
+    (`flax.linen.intercept_methods`) adds a zero tensor `delta` to that output and `jax.grad`
+    is taken with respect to `delta`: d score / d delta = d score / d A at delta = 0. Feature
+    maps that a parent computes inline (an activation after a conv submodule) are not
+    submodules; Grad-CAM then sees the conv's pre-activation output.
+  * a perturbation point: a model that writes `x = self.perturb(name, x)` next to
+    `self.sow('intermediates', name, x)` exposes exactly that (post-activation) map; the
+    gradient comes from Flax's 'perturbations' collection. These points are preferred.
+
+The coarse map is placed over the image by its measured receptive-field centres
+(`receptive_field_centers`), not stretched edge to edge, which is off for 'VALID' convolutions.
 
     layers = feature_layers(model, variables, images)      # [(path, (B, h, w, C)), ...]
     result = gradcam(model, variables, images)             # the last layer with h * w > 1
