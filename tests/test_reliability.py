@@ -103,8 +103,18 @@ def _truncate(path):
     f.truncate(os.path.getsize(path) // 2)
 
 
-DAMAGE = {  # name -> (what to do to checkpoint 20, the file it hits)
+def _flip_a_bit(path):
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)[0]
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte ^ 0x10]))
+
+
+DAMAGE = {  # name -> what to do to checkpoint 20
     "truncated_array_file": lambda d: _truncate(_largest_array_file(d)),
+    # Orbax itself restores this one without a word, and wrong: the trainer's checksums catch it.
+    "flipped_bit_in_array_file": lambda d: _flip_a_bit(_largest_array_file(d)),
     "deleted_array_file": lambda d: os.remove(_largest_array_file(d)),
     "deleted_state_metadata": lambda d: os.remove(os.path.join(d, "state", "_METADATA")),
     "truncated_state_metadata": lambda d: _truncate(os.path.join(d, "state", "_METADATA")),

@@ -21,6 +21,7 @@ keys). torchvision's pretrained GoogLeNet expects `transform_input=True` on the 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any
@@ -92,18 +93,19 @@ def _vgg_prefix(model: VGG, path: Path) -> str:
   return names[path[0]]
 
 
+@dataclasses.dataclass(frozen=True)
 class _Family:
   """How one family's Flax paths become torchvision keys.
 
   Attributes:
     prefix: (model, flax module path) -> torchvision module prefix.
     first_conv: Flax path of the first convolution (gives the input channels and the stem).
-    flatten_hw: Flax paths of dense layers that read a flattened (H, W) map.
+    flatten_hw: Flax paths of dense layers that read a flattened (H, W) map -> H (= W).
   """
 
-  def __init__(self, prefix: Callable[[Any, Path], str], first_conv: Path,
-               flatten_hw: dict[Path, int]):
-    self.prefix, self.first_conv, self.flatten_hw = prefix, first_conv, flatten_hw
+  prefix: Callable[[Any, Path], str]
+  first_conv: Path
+  flatten_hw: dict[Path, int]
 
 
 _FAMILIES = {

@@ -242,7 +242,7 @@ def attention_maps(intermediates: dict) -> list[jax.Array]:
 # --- Registered variants --------------------------------------------------------------------------
 
 
-def vit(size: str, patch_size: int, **kwargs) -> VisionTransformer:
+def vit(size: str, patch_size: int, /, **kwargs) -> VisionTransformer:
   """A ViT of `size` (a SIZES key) and `patch_size`; keyword arguments override anything."""
   if size not in SIZES:
     raise ValueError(f"ViT size {size!r}; choose from {sorted(SIZES)}")
