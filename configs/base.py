@@ -79,6 +79,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mixup_alpha = 0.0  # > 0: mixup on device with this Beta(alpha, alpha)
   c.cutmix_alpha = 0.0  # > 0: cutmix on device (alternates with mixup when both are on)
   c.init_from = ""  # checkpoint dir or converted weights (.npz / .msgpack) to start from
+  # Regex over '/'-joined parameter paths that init_from leaves as initialised, e.g.
+  # '^(fc1|fc2|head)/' to reuse only a network's convolutions (train.transfer).
+  c.init_skip = ""
   c.freeze = ""  # regex over '/'-joined parameter paths that stay fixed, e.g. '^(?!head/)'
 
   # --- Parallelism ---------------------------------------------------------------------------

@@ -3,21 +3,28 @@
 The MNIST test split (IDX files) is cut into two tasks by `prepare` (written as IDX files again,
 so the ordinary `idx:` source reads them):
 
-  DST/pretrain/  digits 0-4 of test[:5000] (labels 0-4: a 5-class task, ~2,550 images)
+  DST/pretrain/  digits 0-4 of test[:5000] (labels 0-4: a 5-class task, 2,561 images)
   DST/finetune/  digits 5-9 of test[5000:] (labels 5-9 kept: the model gets a new 10-way head,
-                 the classic 'replace the head for K classes'; ~2,450 images)
+                 the classic 'replace the head for K classes'; 2,422 images)
 
     python -m configs.finetune_mnist prepare ../shared/data/mnist /tmp/mnist_transfer
     python -m train --config configs/finetune_mnist.py:pretrain --workdir /tmp/xfer/pretrain
     python -m train --config configs/finetune_mnist.py:finetune --workdir /tmp/xfer/finetune \\
         --config.init_from=/tmp/xfer/pretrain
-    python -m train --config configs/finetune_mnist.py:linear --workdir /tmp/xfer/linear \\
-        --config.init_from=/tmp/xfer/pretrain             # frozen backbone, head only
     python -m train --config configs/finetune_mnist.py:scratch --workdir /tmp/xfer/scratch
 
-Fine-tuning, linear probing and training from scratch share one small budget: 200 training
-images of digits 5-9 (finetune/test[:200]), 100 steps of 32, evaluated on finetune/test[1000:].
-Measured results: the closing note of issue 9.
+Modes after pretraining, all on one small budget (50 training images of digits 5-9,
+finetune/test[:50], 25 steps of 32, evaluated on the 1,422 images of finetune/test[1000:]):
+
+  finetune      the pretrained convolutions, fresh fc1 / fc2 / head (config.init_skip), all trained
+  finetune_all  every pretrained layer but the head (whose shape changed), all trained
+  linear        every pretrained layer, frozen but the head (config.freeze)
+  scratch       no pretraining
+
+Measured on the 2-core CPU (eval accuracy, seeds 0 / 1 / 2): pretrain 0.9844 on its held-out
+10%; finetune 0.8615 / 0.8741 / 0.8720 vs scratch 0.8193 / 0.8347 / 0.7975. LeNet's dense
+layers are specific to digits 0-4: reusing them (finetune_all 0.7475 / 0.8270 / 0.7349) is worse
+than scratch; a frozen backbone (linear) is worse still. More in the closing note of issue 9.
 """
 
 from __future__ import annotations
@@ -31,11 +38,12 @@ import numpy as np
 from configs import base
 
 DATA = "/tmp/mnist_transfer"  # where `prepare` writes the two tasks; override with --config.dataset
-MODES = ("pretrain", "finetune", "linear", "scratch")
+MODES = ("pretrain", "finetune", "finetune_all", "linear", "scratch")
 
 
 def get_config(arg: str | None = None):
-  """arg: 'pretrain' | 'finetune' (set init_from) | 'linear' (set init_from) | 'scratch'."""
+  """arg: 'pretrain' | 'finetune' | 'finetune_all' | 'linear' (these three: set init_from) |
+  'scratch'."""
   mode = arg or "finetune"
   if mode not in MODES:
     raise ValueError(f"configs/finetune_mnist.py:{mode}: choose from {', '.join(MODES)}")
@@ -57,11 +65,14 @@ def get_config(arg: str | None = None):
     c.eval_every = 500
     return c
   c.dataset = f"idx:{DATA}/finetune"
-  c.train_split = "test[:200]"  # few examples: ~40 per class
+  c.train_split = "test[:50]"  # few examples: about 10 per class
   c.eval_split = "test[1000:]"
   c.batch_size = 32
-  c.total_steps = 100
-  c.eval_every = 50
+  c.total_steps = 25
+  c.log_every = 5
+  c.eval_every = 0
+  if mode == "finetune":
+    c.init_skip = "^(fc1|fc2|head)/"  # reuse the convolutions only
   if mode == "linear":
     c.freeze = "^(?!head/)"  # everything but the new head stays as pretrained
     c.learning_rate = 3e-3

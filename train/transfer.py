@@ -11,7 +11,9 @@ on a resumed one) loads every parameter whose path and shape fit this run's mode
 
 What does not fit stays as initialised, and is logged: a head of another class count
 (`head/kernel` (84, 5) there, (84, 10) here) is the classic case: the new head for K classes
-starts fresh while the backbone is reused. A ViT's learned `pos_embed` of another patch grid
+starts fresh while the backbone is reused. `config.init_skip` (a regex over parameter paths)
+leaves more as initialised: layers too specific to the old task, such as LeNet's fc1/fc2
+(configs/finetune_mnist.py measures the difference). A ViT's learned `pos_embed` of another patch grid
 (weights trained at 224 px, fine-tuned at 384 px) is resampled to this run's grid
 (jaxvision.layers.embed.resample_posemb); the loop / scan block layouts are converted. With EMA
 on, the average starts at the loaded weights. Freeze the backbone with `config.freeze`
@@ -180,14 +182,21 @@ def _resample_posemb(value, num_prefix_tokens: int, grid):
   return np.asarray(resample_posemb(jnp.asarray(value), grid, num_prefix_tokens=num_prefix_tokens))
 
 
-def merge(fresh: dict, loaded: dict, *, num_prefix_tokens: int = 1, grid=None) -> tuple[dict, dict]:
-  """Fresh flat params with every loaded array whose path and shape fit; and what happened.
+def merge(fresh: dict, loaded: dict, *, num_prefix_tokens: int = 1, grid=None,
+          skip: str = "") -> tuple[dict, dict]:
+  """Fresh flat params with every loaded array whose path and shape fit (and whose path does not
+  match the regex `skip`); and what happened.
 
   The report has 'loaded', 'resampled' and 'unused' path lists and 'kept' {path: reason}.
   """
   report = {"loaded": [], "resampled": [], "kept": {}, "unused": sorted(set(loaded) - set(fresh))}
+  skipped = re.compile(skip) if skip else None
   merged = {}
   for path, value in fresh.items():
+    if skipped is not None and skipped.search(path):
+      merged[path] = value
+      report["kept"][path] = "init_skip"
+      continue
     if path not in loaded:
       merged[path] = value
       report["kept"][path] = "not in init_from"
@@ -257,7 +266,13 @@ def initialize_from(state, init_from: str, config):
   fresh_params = flatten(state.params)
   loaded_params = _match_block_layout(loaded_params, fresh_params)
   prefix, grid = _vit_geometry(config, fresh_params)
-  params, report = merge(fresh_params, loaded_params, num_prefix_tokens=prefix, grid=grid)
+  skip = config.get("init_skip", "") or ""
+  try:
+    re.compile(skip)
+  except re.error as e:
+    raise ValueError(f"config.init_skip={skip!r} is not a regular expression: {e}") from None
+  params, report = merge(fresh_params, loaded_params, num_prefix_tokens=prefix, grid=grid,
+                         skip=skip)
   if not report["loaded"] and not report["resampled"]:
     first = next(iter(report["kept"].items()), ("", "no parameters"))
     raise ValueError(f"init_from {init_from}: none of its {len(loaded_params)} arrays fits model "
@@ -267,7 +282,7 @@ def initialize_from(state, init_from: str, config):
 
   new_stats = state.batch_stats
   if state.batch_stats:
-    stats, stats_report = merge(flatten(state.batch_stats), loaded_stats)
+    stats, stats_report = merge(flatten(state.batch_stats), loaded_stats, skip=skip)
     if loaded_stats:
       log.warning("%s", _summary(init_from, "batch_stats", stats_report))
     new_stats = _rebuild(state.batch_stats, stats)
