@@ -135,6 +135,16 @@ def test_to_torch_names_missing_and_unexpected_entries():
     to_torch("vgg_tiny", {"batch_stats": {}})
 
 
+def test_model_kwargs_override_what_the_weights_suggest():
+  variables = _variables("resnet_tiny", widths=(4, 8, 8, 8))
+  with pytest.raises(ValueError, match="mis-shaped keys"):
+    to_torch("resnet_tiny", variables)
+  state_dict = to_torch("resnet_tiny", variables, widths=(4, 8, 8, 8))
+  assert state_dict["layer4.0.conv1.weight"].shape == (8, 8, 3, 3)
+  back = from_torch("resnet_tiny", state_dict, widths=(4, 8, 8, 8))
+  chex.assert_trees_all_equal(back, variables)
+
+
 @pytest.mark.parametrize("name", ["lenet", "nin"])
 def test_variants_without_torchvision_counterpart_are_refused(name):
   with pytest.raises(ValueError, match="no torchvision counterpart"):

@@ -222,7 +222,7 @@ def test_figures_have_the_expected_pixel_sizes(tmp_path):
   rng = np.random.default_rng(0)
   images = rng.random((3, 16, 16, 1)).astype(np.float32)
   fig = plots.overlay_grid(images, rng.random((3, 16, 16)), ncols=2, dpi=50, titles=list("abc"))
-  assert png_size(plots.save_figure(fig, str(tmp_path / "overlay.png"))) == (160, 160)
+  assert png_size(plots.save_figure(fig, str(tmp_path / "overlay.png"))) == (160, 182)
 
   fig = plots.heatmap_grid(rng.random((2, 3, 4, 4)), dpi=40, cell_inches=1.0)
   assert png_size(plots.save_figure(fig, str(tmp_path / "grid.png"))) == (136, 84)

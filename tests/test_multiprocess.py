@@ -27,7 +27,7 @@ from train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = dict(total_steps=20, log_every=5, eval_every=10, checkpoint_every=10, batch_size=32)
-TIMEOUT = 600
+TIMEOUT = 300
 
 
 def config_with(**overrides):
@@ -68,31 +68,39 @@ def free_port() -> int:
 
 
 def start_workers(root, workdir: str, settings: dict) -> list[subprocess.Popen]:
-  """Process 0 and 1 of a run on 127.0.0.1, each with 2 CPU devices."""
+  """Process 0 and 1 of a run on 127.0.0.1, each with 2 CPU devices; output in root/log{i}."""
   port = free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  return [
-      subprocess.Popen(
+  procs = []
+  for i in range(2):
+    with open(root / f"log{i}", "w") as log:
+      procs.append(subprocess.Popen(
           [sys.executable, os.path.abspath(__file__), str(root / f"ids{i}.npy"),
            "--config", "configs/lenet_digits.py", "--workdir", workdir,
            "--config.progress=lines", *[f"--config.{k}={v}" for k, v in settings.items()],
            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)
-  ]
+          cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+  return procs
 
 
-def finish_workers(procs: list[subprocess.Popen]) -> list[str]:
+def finish_workers(root, procs: list[subprocess.Popen]) -> list[str]:
   """Their outputs, once both exited 0."""
+  deadline = time.time() + TIMEOUT
   try:
-    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    for p in procs:
+      p.wait(timeout=max(deadline - time.time(), 1))
+  except subprocess.TimeoutExpired:
+    pass
   finally:
     for p in procs:  # one that failed leaves the other waiting for it forever
       if p.poll() is None:
         p.kill()
-  for p, out in zip(procs, outputs, strict=True):
-    assert p.returncode == 0, out
+        p.wait()
+  outputs = [(root / f"log{i}").read_text() for i in range(2)]
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, f"process {i} exited {p.returncode}:\n" + "\n\n".join(
+        f"--- process {j} ---\n{out[-3000:]}" for j, out in enumerate(outputs))
   return outputs
 
 
@@ -101,7 +109,7 @@ def two_processes(tmp_path_factory):
   """(workdir, [ids read by process 0, by process 1], [stdout of each]) of the 2-process run."""
   root = tmp_path_factory.mktemp("multiprocess")
   workdir = str(root / "w")
-  outputs = finish_workers(start_workers(root, workdir, SETTINGS))
+  outputs = finish_workers(root, start_workers(root, workdir, SETTINGS))
   ids = [np.load(root / f"ids{i}.npy")[: SETTINGS["total_steps"]] for i in range(2)]
   return workdir, ids, outputs
 
@@ -167,12 +175,16 @@ def test_sigterm_to_one_process_stops_both_with_a_checkpoint(tmp_path):
   workdir = str(tmp_path / "w")
   settings = {**SETTINGS, "total_steps": 100000, "checkpoint_every": 0, "eval_every": 0}
   procs = start_workers(tmp_path, workdir, settings)
-  for line in procs[0].stdout:  # process 0 reports progress; wait until training is under way
-    if "train step 10/" in line:
-      break
+  deadline = time.time() + TIMEOUT
+  # Process 0 reports progress: wait until training is under way.
+  while "train step 10/" not in (tmp_path / "log0").read_text():
+    if time.time() > deadline or any(p.poll() is not None for p in procs):
+      finish_workers(tmp_path, procs)
+      raise AssertionError("training did not get under way")
+    time.sleep(0.2)
   procs[0].send_signal(signal.SIGTERM)
   sent = time.time()
-  outputs = finish_workers(procs)
+  outputs = finish_workers(tmp_path, procs)
   assert time.time() - sent < 30
   saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))]
   assert len(saved) == 1 and saved[0] % SETTINGS["log_every"] == 0  # agreed at a log step

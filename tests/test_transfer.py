@@ -138,3 +138,16 @@ def test_normalization_mismatch_is_reported(pretrained, caplog):
   assert transfer.pretrained_normalization("torchvision") == "imagenet"
   with pytest.raises(ValueError, match="unknown weight source"):
     transfer.pretrained_normalization("nope")
+
+
+def test_init_skip_leaves_matching_layers_as_initialised(pretrained):
+  params, _ = restore_params(f"{pretrained}/checkpoints")
+  fresh = fresh_state()
+  config = small_config(init_skip="^(fc1|fc2|head)/")
+  state = transfer.initialize_from(fresh, pretrained, config)
+  got, source, initial = flat(state.params), flat(params), flat(fresh.params)
+  for path in got:
+    expected = initial[path] if path.split("/")[0] in ("fc1", "fc2", "head") else source[path]
+    assert got[path].tobytes() == expected.tobytes(), path
+  with pytest.raises(ValueError, match="init_skip"):
+    transfer.initialize_from(fresh, pretrained, small_config(init_skip="(("))

@@ -7,12 +7,19 @@ It times exactly what `python -m train` runs: the config comes from configs/base
 the executor's jitted `train_step` (same shardings, same donated state, same optimizer), fed one
 synthetic batch that stays on the device, so the input pipeline (measured separately) is out of
 the picture. Compile time is `lower(...).compile()` on its own; the timed windows start after
-warm-up and end with `jax.block_until_ready`. MFU divides the compiled step's FLOPs (XLA cost
-analysis, per device) by the step time and the device's dense bf16 peak.
+warm-up and end with `jax.block_until_ready`; the median window is reported. MFU divides the
+compiled step's FLOPs (XLA cost analysis, per device; for scan/remat models, those of the same
+network without them) by the step time and the device's dense bf16 peak.
+
+With --compare torch the PyTorch side (train.bench_torch) runs the same network, batch, optimizer
+and loss. On a CPU host both run in this process with alternating windows, so load from other
+processes hits both alike; on an accelerator PyTorch runs first in a subprocess, then JAX, each
+with the device to itself.
 
 Output: one JSON object per measurement with the keys of RESULT_KEYS (shared/DESIGN.md), and with
 --compare torch a last line with `ratio_jax_over_torch` (images/s of JAX over PyTorch). Notes
-(FLOPs per step, XLA's memory estimate) go to stderr. Bad arguments end with one line, exit 2.
+(per-window wall and process CPU times, FLOPs per step, XLA's memory estimate) go to stderr. Bad
+arguments end with one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -174,7 +181,12 @@ def _task_of(model, input_shape: tuple[int, ...]) -> str:
     rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
     return model.init_with_output(rngs, x, train=False)[0]
 
-  return "segmentation" if jax.eval_shape(forward).ndim == 4 else "classification"
+  out = jax.eval_shape(forward)
+  if not hasattr(out, "ndim") or out.ndim not in (2, 4):
+    shape = getattr(out, "shape", None) or type(out).__name__
+    raise ValueError(f"model {model.__class__.__name__} returns {shape}; train.bench handles "
+                     "classification (B, K) and segmentation (B, H, W, K) outputs")
+  return "segmentation" if out.ndim == 4 else "classification"
 
 
 def synthetic_batch(config, input_shape: tuple[int, ...], put) -> dict:

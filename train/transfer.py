@@ -13,8 +13,8 @@ What does not fit stays as initialised, and is logged: a head of another class c
 (`head/kernel` (84, 5) there, (84, 10) here) is the classic case: the new head for K classes
 starts fresh while the backbone is reused. `config.init_skip` (a regex over parameter paths)
 leaves more as initialised: layers too specific to the old task, such as LeNet's fc1/fc2
-(configs/finetune_mnist.py measures the difference). A ViT's learned `pos_embed` of another patch grid
-(weights trained at 224 px, fine-tuned at 384 px) is resampled to this run's grid
+(configs/finetune_mnist.py measures the difference). A ViT's learned `pos_embed` of another
+patch grid (weights trained at 224 px, fine-tuned at 384 px) is resampled to this run's grid
 (jaxvision.layers.embed.resample_posemb); the loop / scan block layouts are converted. With EMA
 on, the average starts at the loaded weights. Freeze the backbone with `config.freeze`
 (train.optim), e.g. '^(?!head/)' trains the head alone.

@@ -16,7 +16,9 @@ permuted from (C, H, W) to (H, W, C) order.
 Options that change parameter shapes are read from the weights themselves: the number of classes
 (the classifier's rows; no classifier means `num_classes=0`), input channels (the first conv),
 the small stem (a 3x3 first conv, ResNet/DenseNet) and GoogLeNet's auxiliary heads (`aux1.*`
-keys). torchvision's pretrained GoogLeNet expects `transform_input=True` on the jaxvision model.
+keys). Keyword arguments to `from_torch` / `to_torch` are model constructor arguments that
+override those guesses or set others (e.g. `widths` of a custom variant). torchvision's
+pretrained GoogLeNet expects `transform_input=True` on the jaxvision model.
 """
 
 from __future__ import annotations
@@ -215,7 +217,7 @@ def state_dict_layout(
   return layout
 
 
-def from_torch(name: str, state_dict: dict[str, Any]) -> dict:
+def from_torch(name: str, state_dict: dict[str, Any], **model_kwargs) -> dict:
   """A torchvision state dict (arrays or CPU tensors) -> {'params', 'batch_stats'} numpy trees."""
   model, family = _family(name)
   sd = {str(k): np.asarray(v) for k, v in state_dict.items()}
@@ -228,6 +230,8 @@ def from_torch(name: str, state_dict: dict[str, Any]) -> dict:
     options["stem"] = "small"
   if isinstance(model, GoogLeNet):
     options["aux_logits"] = any(k.startswith(("aux1.", "aux2.")) for k in sd)
+  options.update(model_kwargs)
+  num_classes = options.pop("num_classes", num_classes)
   model, expected = _expected(name, num_classes, in_channels, options)
   flat, used, missing, misshaped = {}, set(), [], []
   for key, spec in expected.items():
@@ -249,7 +253,7 @@ def from_torch(name: str, state_dict: dict[str, Any]) -> dict:
   return _nest(flat)
 
 
-def to_torch(name: str, variables: dict) -> dict[str, np.ndarray]:
+def to_torch(name: str, variables: dict, **model_kwargs) -> dict[str, np.ndarray]:
   """Flax variables {'params', 'batch_stats'} -> a torchvision state dict of numpy arrays."""
   model, family = _family(name)
   if "params" not in variables:
@@ -267,6 +271,8 @@ def to_torch(name: str, variables: dict) -> dict[str, np.ndarray]:
     options["stem"] = "small"
   if isinstance(model, GoogLeNet):
     options["aux_logits"] = any(k[1] in ("aux1", "aux2") for k in given)
+  options.update(model_kwargs)
+  num_classes = options.pop("num_classes", num_classes)
   model, expected = _expected(name, num_classes, in_channels, options)
   sd, missing, misshaped = {}, [], []
   for key, spec in expected.items():

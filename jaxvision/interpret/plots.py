@@ -90,7 +90,16 @@ def overlay_grid(
   if len(images) != len(heatmaps) or heatmaps.shape[1:3] != images.shape[1:3]:
     raise ValueError(f"heat maps {heatmaps.shape} do not match images {images.shape}")
   rows, cols = _grid_shape(len(images), ncols)
-  fig = new_figure(cols * cell_inches, rows * cell_inches + (0.3 if suptitle else 0), dpi)
+  title_room = 0.22 if titles is not None else 0.0  # square images leave no room for a title
+  top_room = 0.3 if suptitle else 0.0
+  height = rows * (cell_inches + title_room) + top_room
+  fig = new_figure(cols * cell_inches, height, dpi)
+  # Explicit spacing: tight_layout sizes the boxes before the square aspect shrinks the images,
+  # and then lets titles run into the row above.
+  gap = 0.04
+  fig.subplots_adjust(left=gap / (cols * cell_inches), right=1 - gap / (cols * cell_inches),
+                      bottom=gap / height, top=1 - (top_room + title_room) / height,
+                      wspace=gap * 2 / cell_inches, hspace=(title_room + gap) / cell_inches)
   for i in range(rows * cols):
     ax = fig.add_subplot(rows, cols, i + 1)
     _axes_off(ax)
@@ -101,8 +110,9 @@ def overlay_grid(
     ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1)
     ax.imshow(heatmaps[i], cmap=cmap, alpha=alpha, vmin=0, vmax=1)
     if titles is not None:
-      ax.set_title(titles[i], fontsize=7)
-  _finish(fig, suptitle, 9)
+      ax.set_title(titles[i], fontsize=7, pad=2)
+  if suptitle:
+    fig.suptitle(suptitle, fontsize=9, y=1 - 0.04 / height, va="top")
   return fig
 
 
