@@ -190,3 +190,19 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
                     "--config.eval_every=0", "--config.log_every=5", env_devices=1)
   assert resumed.returncode == 0, resumed.stderr
   assert f"resumed from step {steps[0]}" in resumed.stdout
+
+
+def test_lenet_mnist_end_to_end_on_tfds_mock_data(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from configs import lenet_mnist
+
+  c = lenet_mnist.get_config()
+  with c.unlocked():
+    c.update(total_steps=6, num_epochs=0, log_every=2, eval_every=3, checkpoint_every=3, batch_size=16,
+             progress="none")
+  with tfds.testing.mock_data(num_examples=64):
+    metrics = loop.train_and_evaluate(c, str(tmp_path))
+  assert 0.0 <= metrics["accuracy"] <= 1.0 and np.isfinite(metrics["loss"])
+  assert [r["step"] for r in read_metrics(tmp_path)] == [2, 4, 6]
+  assert [r["step"] for r in read_metrics(tmp_path, "eval")] == [3, 6]
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
