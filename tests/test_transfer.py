@@ -15,12 +15,12 @@ from configs import base, lenet_digits
 from jaxvision.models import create_model
 from train import loop, transfer
 from train.checkpoint import restore_params
-from train.state import create_train_state
+from train.state import TrainState, create_train_state
 
 
 def small_config(**overrides):
   c = lenet_digits.get_config()
-  c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 6, 3, 0, 0
+  c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 3, 3, 0, 0
   c.batch_size, c.progress = 32, "none"
   for key, value in overrides.items():
     target = c
@@ -53,7 +53,7 @@ def _init_fn(model_name, ema, kwargs):
   return jax.jit(lambda rng: create_train_state(model, optax.adam(1e-3), rng, shape, ema=ema))
 
 
-def fresh_state(model_name="lenet", ema=False, rng=None, **model_kwargs):
+def fresh_state(model_name="lenet", ema=True, rng=None, **model_kwargs):
   """A freshly initialised train state (compiled once per model)."""
   rng = jax.random.key(42) if rng is None else rng
   return _init_fn(model_name, ema, tuple(sorted(model_kwargs.items())))(rng)
@@ -73,7 +73,7 @@ def test_finetune_with_frozen_backbone_and_a_new_head(pretrained, tmp_path, capl
       assert value.tobytes() == before[path].tobytes(), f"frozen {path} changed"
   # The new head was trained away from the trainer's initialisation (train.loop's init key).
   loop_key = jax.random.fold_in(jax.random.key(0), 0x1217)
-  initial = flat(fresh_state(num_classes=12, rng=loop_key).params)
+  initial = flat(fresh_state(num_classes=12, ema=False, rng=loop_key).params)
   assert initial["head/kernel"].shape == (84, 12)
   assert not np.array_equal(after["head/kernel"], initial["head/kernel"])
   assert "kept 2 as initialised" in caplog.text
@@ -94,14 +94,23 @@ def test_init_from_round_trips_through_workdir_npz_and_msgpack(pretrained, tmp_p
         assert got[path].tobytes() == value.tobytes(), f"{source}: {path}"
 
 
+def random_params(model, shape, seed):
+  """Random values in the shapes of `model`'s parameters (no compiled init needed)."""
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))["params"]
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32), abstract)
+
+
 def test_vit_posemb_is_resampled_and_block_layouts_convert(tmp_path):
   small = create_model("vit_tiny")  # 32 px, 8-px patches: 4x4 grid
-  params = jax.jit(small.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  params = random_params(small, (1, 32, 32, 3), 0)
   npz = transfer.export_npz(str(tmp_path / "vit.npz"), params)
   config = base.get_config()
   config.model, config.image_size, config.num_classes = "vit_tiny", 48, 10
   config.model_kwargs = {"image_size": 48, "scan": True}
-  state = fresh_state("vit_tiny", image_size=48, scan=True)
+  fresh = random_params(create_model("vit_tiny", image_size=48, scan=True), (1, 48, 48, 3), 1)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=fresh, batch_stats={}, opt_state=(),
+                     ema_params={}, nonfinite_step=jnp.full((), -1), apply_fn=None, tx=None)
   loaded = transfer.initialize_from(state, npz, config)
   pe = np.asarray(loaded.params["pos_embed"])
   assert pe.shape == (1, 1 + 36, 32)

@@ -121,7 +121,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     )
   total_steps = resolve(config, train_input)
   if config.task == "segmentation" and config.seg.weight_map:
-    _add_weight_maps(train_input, config.num_classes)
+    _add_weight_maps(train_input, config)
   model = build_model(config)
   task = get_task(config.task, num_classes=config.num_classes, config=config)
   tx = create_optimizer(config, total_steps)
@@ -226,17 +226,22 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if is_main and eval_metrics:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump({"step": step, **eval_metrics}, f, indent=2)
-    if config.task == "segmentation" and step == total_steps and process_count == 1:
-      _save_overlays(model, executor.to_checkpoint(state), eval_input, workdir)
+    if (config.task == "segmentation" and step == total_steps and process_count == 1
+        and config.seg.overlays):
+      _save_overlays(model, executor.to_checkpoint(state), eval_input, workdir,
+                     max_images=int(config.seg.overlays))
   return eval_metrics
 
 
-def _add_weight_maps(train_input, num_classes: int) -> None:
+def _add_weight_maps(train_input, config) -> None:
   """Adds the U-Net paper's border weight map to every training batch (host side)."""
   from jaxvision.segmentation import add_weight_map
 
   transform = train_input.transform
-  train_input.transform = lambda batch, rng: add_weight_map(transform(batch, rng), num_classes=num_classes)
+  w0, sigma = float(config.seg.weight_map_w0), float(config.seg.weight_map_sigma)
+  train_input.transform = lambda batch, rng: add_weight_map(
+      transform(batch, rng), w0, sigma, num_classes=config.num_classes
+  )
 
 
 def _save_overlays(model, state, eval_input, workdir: str, max_images: int = 8) -> None:
