@@ -69,6 +69,7 @@ def cached_env(cache_dir: str, devices: int = 4) -> dict[str, str]:
 
 
 def command(workdir: str) -> list[str]:
+  """The one command every run of the test repeats."""
   return [sys.executable, "-m", "train", "--config", "configs/lenet_digits.py",
           "--workdir", workdir, "--config.progress=lines",
           *[f"--config.{k}={v}" for k, v in SETTINGS.items()]]
@@ -116,6 +117,7 @@ class Run:
 
 
 def finished_steps(workdir: str) -> list[int]:
+  """Steps of the complete checkpoints (final names only)."""
   names = os.listdir(os.path.join(workdir, "checkpoints"))
   return sorted(int(n) for n in names if n.isdigit())
 
@@ -127,6 +129,7 @@ def save_in_progress(workdir: str) -> list[str]:
 
 
 def params_at_last_step(workdir: str):
+  """(step, params) of the newest checkpoint."""
   manager = create_manager(os.path.join(workdir, "checkpoints"), keep=3, read_only=True)
   step = manager.latest_step()
   state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]

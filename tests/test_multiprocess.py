@@ -31,6 +31,7 @@ TIMEOUT = 300
 
 
 def config_with(**overrides):
+  """The run's config for an in-process run."""
   c = lenet_digits.get_config()
   with c.unlocked():
     c.update({**SETTINGS, "progress": "none", **overrides})
@@ -38,6 +39,7 @@ def config_with(**overrides):
 
 
 def metrics(workdir):
+  """The rows of metrics.jsonl."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
 
@@ -62,6 +64,7 @@ def record_train_ids(loop_module, seen: list) -> None:
 
 
 def free_port() -> int:
+  """A TCP port nobody listens on right now."""
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]

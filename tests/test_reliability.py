@@ -51,20 +51,22 @@ def compile_cache(tmp_path_factory):
 
 
 def config_with(**overrides):
+  """A short LeNet run on digits, with `overrides` ('mesh.num_devices' style keys too)."""
   c = lenet_digits.get_config()
   with c.unlocked():
     c.update(dict(total_steps=30, log_every=1, eval_every=0, checkpoint_every=10, batch_size=32,
                   progress="none"))
     for key, value in overrides.items():
-      target, *_ = key.split(".")
-      if "." in key:
-        c[target][key.split(".", 1)[1]] = value
-      else:
-        c[key] = value
+      *parents, leaf = key.split(".")
+      target = c
+      for parent in parents:
+        target = target[parent]
+      target[leaf] = value
   return c
 
 
 def last_params(workdir):
+  """(step, params) of the newest checkpoint."""
   manager = create_manager(os.path.join(workdir, "checkpoints"), keep=3, read_only=True)
   step = manager.latest_step()
   state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
@@ -76,6 +78,7 @@ def _last_row_per_step(workdir):
 
 
 def metric_rows(workdir):
+  """metrics.jsonl rows without their timing fields."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [{k: v for k, v in row.items() if k not in TIMING} for row in map(json.loads, f)]
 

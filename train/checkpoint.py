@@ -6,9 +6,11 @@ so a kill at any moment never leaves a half-written checkpoint that a resume wou
 temporary directory of an interrupted save is removed when the next run opens the manager.
 Each checkpoint holds the train state and a small JSON record of the run (model, step, metrics).
 
-A checkpoint damaged afterwards (a truncated or deleted file) is found on resume: it is
-reported by name, moved aside to `<step>.unreadable` (kept for inspection, and out of the way
-of the save that will reach that step again), and the previous one is used.
+A checkpoint damaged afterwards is found on resume: a truncated or deleted file fails to read,
+and a changed byte fails the per-array checksums saved in the record (Orbax keeps none, and
+would restore it silently). It is reported by name, moved aside to `<step>.unreadable` (kept for
+inspection, and out of the way of the save that will reach that step again), and the previous
+checkpoint is used.
 """
 
 from __future__ import annotations

@@ -47,8 +47,8 @@ def validate(config) -> None:
   need(config.cutmix_alpha >= 0, "cutmix_alpha", "must be >= 0")
   need(config.dtype in DTYPES, "dtype", f"choose from {', '.join(DTYPES)}")
   need(config.parallel in ("mesh", "pmap"), "parallel", "choose 'mesh' or 'pmap'")
-  need(config.task in ("auto", "classification", "segmentation"), "task",
-       "choose 'auto', 'classification' or 'segmentation'")
+  need(config.task in ("auto", "classification", "segmentation", "multitask"), "task",
+       "choose 'auto', 'classification', 'segmentation' or 'multitask'")
   need(config.best_mode in ("max", "min"), "best_mode", "choose 'max' or 'min'")
   need(config.progress in ("auto", "bar", "lines", "none"), "progress",
        "choose 'auto', 'bar', 'lines' or 'none'")
