@@ -116,18 +116,6 @@ def test_one_training_step_moves_both_heads():
     assert not np.array_equal(new_state.params[head]["kernel"], state.params[head]["kernel"])
 
 
-def _trainer_admits_multitask() -> bool:
-  from train.configuration import validate
-
-  try:
-    validate(multitask_digits.get_config())
-  except ValueError as e:
-    return "task" not in str(e)
-  return True
-
-
-@pytest.mark.skipif(not _trainer_admits_multitask(),
-                    reason="train/configuration.py does not list task 'multitask' yet")
 def test_multitask_config_trains_through_the_trainer(tmp_path):
   from train import loop
 
