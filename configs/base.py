@@ -105,6 +105,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seg.weight_map = False  # the U-Net paper's border weight map (segmentation.add_weight_map)
   c.seg.weight_map_w0 = 10.0  # weight map: extra weight w0 of the thinnest borders between cells
   c.seg.weight_map_sigma = 5.0  # weight map: border width sigma, in pixels
+  c.seg.tta = False  # evaluate the average over the 8 flips/rotations (the U-Net paper's ISBI entry)
   c.seg.overlays = 5  # eval examples saved as overlay PNGs in the workdir at the end (0: none)
 
   # --- Output --------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ class ClassificationTask:
     return metrics.classification_sums(logits, batch["label"], batch["valid"])
 
   def finalize(self, sums: dict) -> dict[str, float]:
+    """Every eval-set sum divided by the example count (accuracy, loss, ...)."""
     return metrics.finalize_sums(sums)
 
 

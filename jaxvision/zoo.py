@@ -53,6 +53,7 @@ def zoo_table(pattern: str = "*", flops: bool = True) -> str:
 
 
 def main() -> None:
+  """Prints the zoo table (markdown) for the registry names matching --pattern."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--pattern", default="*", help="shell pattern over registry names")
   parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count (faster)")

@@ -22,6 +22,7 @@ from jaxvision.segmentation import (
     add_weight_map,
     confusion_matrix,
     confusion_metrics,
+    dihedral_logits,
     predict_and_save_overlays,
     predict_tiled,
     save_overlays,
@@ -202,6 +203,53 @@ def test_task_from_config_and_errors():
     SegmentationTask.from_config(2, c)
   with pytest.raises(ValueError, match="crop"):
     SegmentationTask(2).loss(jnp.zeros((1, 8, 8, 2)), {"label": np.zeros((1, 4, 4), np.int32)})
+
+
+# -- test-time augmentation ----------------------------------------------------------------------
+
+def _position_dependent(x):
+  """Logits that depend on where a pixel is, so every dihedral version predicts differently."""
+  h, w = x.shape[1], x.shape[2]
+  ramp = jnp.arange(h)[:, None] * 0.3 - jnp.arange(w)[None, :] * 0.7
+  ramp = ramp + 0.1 * (jnp.arange(h * w).reshape(h, w) % 5)
+  first = x[..., 0] * 2.0 + ramp
+  return jnp.stack([first, -first * 0.5, jnp.sin(first)], axis=-1)
+
+
+def test_dihedral_logits_average_the_eight_versions_by_hand():
+  x = np.random.default_rng(1).normal(size=(2, 6, 4, 1)).astype(np.float32)  # not square
+  total = np.zeros((2, 6, 4, 3))
+  for flip in (False, True):
+    for k in range(4):
+      version = np.rot90(x[:, :, ::-1] if flip else x, k, axes=(1, 2))
+      back = np.rot90(np.asarray(_position_dependent(jnp.asarray(version))), -k, axes=(1, 2))
+      back = back[:, :, ::-1] if flip else back
+      total += np.asarray(jax.nn.softmax(back, -1))
+  np.testing.assert_allclose(np.exp(dihedral_logits(_position_dependent, jnp.asarray(x))),
+                             total / 8, rtol=1e-5, atol=1e-6)
+
+
+def test_dihedral_logits_leave_a_pointwise_model_unchanged_and_keep_sigmoid_outputs():
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 5, 5, 1)), jnp.float32)
+  pointwise = lambda images: jnp.concatenate([images, -images], -1)  # noqa: E731
+  np.testing.assert_allclose(dihedral_logits(pointwise, x), jax.nn.log_softmax(pointwise(x)),
+                             atol=1e-5)
+  single = dihedral_logits(lambda images: images * 3.0, x)  # one channel: a sigmoid logit
+  assert single.shape == (1, 5, 5, 1)
+  np.testing.assert_allclose(single, x * 3.0, atol=1e-4)
+  with pytest.raises(ValueError, match="B, H, W, C"):
+    dihedral_logits(pointwise, x[0])
+
+
+def test_task_evaluates_the_dihedral_average_when_configured():
+  c = base.get_config()
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 4, 4, 1)), jnp.float32)
+  plain = get_task("segmentation", num_classes=3, config=c)
+  np.testing.assert_array_equal(plain.eval_logits(_position_dependent, x), _position_dependent(x))
+  c.seg.tta = True
+  tta = get_task("segmentation", num_classes=3, config=c)
+  np.testing.assert_allclose(tta.eval_logits(_position_dependent, x),
+                             dihedral_logits(_position_dependent, x))
 
 
 # -- weight map -----------------------------------------------------------------------------------

@@ -122,6 +122,29 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path):
   np.testing.assert_allclose(losses, straight, rtol=1e-6)
 
 
+def test_resume_drops_rows_logged_past_the_checkpoint(tmp_path):
+  """A run killed after logging step 9 but saving step 5 relogs 6..9 once, not twice."""
+  workdir = tmp_path / "run"
+  loop.train_and_evaluate(small_config(stop_at_step=5, log_every=1), str(workdir))
+  with open(workdir / "metrics.jsonl", "a") as f:  # what a killed attempt left past step 5
+    for step in range(6, 10):
+      f.write(json.dumps({"step": step, "split": "train", "loss": -1.0}) + "\n")
+    f.write('{"step": 10, "spl')  # and a half-written line
+  loop.train_and_evaluate(small_config(log_every=1), str(workdir))
+  steps = [r["step"] for r in read_metrics(workdir)]
+  assert steps == list(range(1, 21))
+  assert all(r["loss"] > 0 for r in read_metrics(workdir))
+
+
+def test_vit_is_built_for_the_data_image_size():
+  config = small_config(model="vit_ti16")
+  model = loop.build_model(config, (1, 32, 48, 3))
+  assert model.image_size == (32, 48)
+  with config.unlocked():
+    config.model_kwargs.image_size = 64
+  assert loop.build_model(config, (1, 32, 48, 3)).image_size == 64  # an explicit size wins
+
+
 @pytest.mark.parametrize("num_devices,parallel", [(1, "mesh"), (2, "mesh"), (2, "pmap")])
 def test_checkpoint_from_4_devices_restores_elsewhere(tmp_path, num_devices, parallel):
   loop.train_and_evaluate(small_config(), str(tmp_path / "ref"))

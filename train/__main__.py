@@ -1,11 +1,23 @@
 """python -m train --config configs/NAME.py[:arg] --workdir DIR [--config.key=value ...]
 
-The only file that defines flags. Multi-host: pass --coordinator_address, --num_processes and
---process_id (GPU clusters, or several processes on one machine), or --multihost alone to let
-JAX detect the cluster (TPU pods, SLURM). Errors in the config, the data or a checkpoint end
-the run with one line naming the culprit and exit status 2.
-"""
+Trains the experiment that the config file describes and evaluates it on its held-out split.
+Every key is listed, with its meaning, in configs/base.py; override any of them on the command
+line, e.g. --config.batch_size=256 --config.learning_rate=0.1 --config.parallel=pmap.
 
+Examples:
+  python -m train --config configs/lenet_digits.py --workdir runs/lenet_digits   # no download
+  python -m train --config configs/unet_membrane.py:cpu --workdir runs/unet      # ':cpu' = preset
+
+The workdir receives metrics.jsonl (one JSON row per log/eval step), TensorBoard events,
+checkpoints/ (Orbax: the latest and the best by config.best_metric) and, for segmentation,
+overlay PNGs. Rerunning the same command resumes from the latest complete checkpoint; SIGTERM
+(preemption) saves and exits 0.
+
+Multi-host: pass --coordinator_address, --num_processes and --process_id (GPU clusters, or
+several processes on one machine), or --multihost alone to let JAX detect the cluster (TPU
+pods, SLURM). Errors in the config, the data or a checkpoint end the run with one line naming
+the culprit and exit status 2, leaving the workdir as it was.
+"""
 from __future__ import annotations
 
 import logging
@@ -78,6 +90,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def main(argv):
+  """Validates the config, trains, and turns bad input into one `error:` line and exit 2."""
   logging.getLogger("absl").setLevel(logging.WARNING)
   # JAX logs its backend probing (e.g. no TPU found) at INFO; keep the terminal for the run.
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)

@@ -245,7 +245,7 @@ def peak_memory_gb(devices: Sequence) -> float | None:
 
 def _train_function(executor):
   """The executor's jitted (or pmapped) train step: the exact function `python -m train` calls."""
-  return executor._train  # noqa: SLF001 - see the report: the executor could expose it publicly
+  return executor.compiled_train_step
 
 
 @dataclasses.dataclass
@@ -399,7 +399,7 @@ def _plain_model_flops(config, input_shape, task, tx, mode: str) -> float | None
     return flops_of(forward.lower(state.variables(state.params), image))
   labels = shape[:3] if config.task == "segmentation" else shape[:1]
   batch = {"image": image, "label": jax.ShapeDtypeStruct(labels, jnp.int32)}
-  train = jax.jit(functools.partial(step.train_step, **parallel._step_kwargs(config, task)))  # noqa: SLF001
+  train = jax.jit(functools.partial(step.train_step, **parallel.step_kwargs(config, task)))
   return flops_of(train.lower(state, batch, jax.random.key(1)))
 
 
@@ -420,7 +420,7 @@ def _without_donation(executor, config, task):
   if config.parallel != "mesh":
     raise ValueError("--no-donate is implemented for --parallel mesh only")
   return jax.jit(
-      functools.partial(step.train_step, **parallel._step_kwargs(config, task)),  # noqa: SLF001
+      functools.partial(step.train_step, **parallel.step_kwargs(config, task)),
       in_shardings=(executor.state_sharding, executor.batch_sharding, executor.replicated),
       out_shardings=(executor.state_sharding, executor.replicated),
   )

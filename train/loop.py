@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,6 +24,10 @@ from train.parallel import create_executor, prefetch_to_device
 from train.report import Reporter
 
 log = logging.getLogger("train")
+
+
+# Steps dispatched but not yet finished, at most (see the train loop).
+_MAX_STEPS_IN_FLIGHT = 2
 
 
 class NonFiniteLossError(RuntimeError):
@@ -74,14 +79,23 @@ def _peek_input_shape(train_input) -> tuple[int, ...]:
   return (1, *image.shape[1:])
 
 
-def build_model(config):
-  """The registry model for `config`, with a one-line error for a bad keyword."""
+def build_model(config, input_shape: tuple[int, ...] | None = None):
+  """The registry model for `config`, with a one-line error for a bad keyword.
+
+  Models whose parameters depend on the input size (ViT's position embedding) are built for
+  `input_shape` (N, H, W, C), the data's, unless `config.model_kwargs.image_size` says otherwise.
+  """
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[config.dtype]
   kwargs = dict(config.model_kwargs.to_dict())
   try:
-    return create_model(config.model, num_classes=config.num_classes, dtype=dtype, **kwargs)
+    model = create_model(config.model, num_classes=config.num_classes, dtype=dtype, **kwargs)
   except TypeError as e:
     raise ValueError(f"config.model_kwargs={kwargs} do not fit model {config.model!r}: {e}") from None
+  sized = "image_size" in {f.name for f in dataclasses.fields(model)}
+  if input_shape is not None and sized and "image_size" not in kwargs:
+    height, width = (int(d) for d in input_shape[1:3])
+    model = model.clone(image_size=height if height == width else (height, width))
+  return model
 
 
 def evaluate(executor, state, eval_input, task, prefetch: int) -> dict[str, float]:
@@ -122,10 +136,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   total_steps = resolve(config, train_input)
   if config.task == "segmentation" and config.seg.weight_map:
     _add_weight_maps(train_input, config)
-  model = build_model(config)
+  input_shape = _peek_input_shape(train_input)
+  model = build_model(config, input_shape)
   task = get_task(config.task, num_classes=config.num_classes, config=config)
   tx = create_optimizer(config, total_steps)
-  input_shape = _peek_input_shape(train_input)
   check_model_fits(model, config, input_shape)
   executor = create_executor(config, model, tx, task, input_shape)
 
@@ -154,8 +168,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     state = executor.from_checkpoint(state)
   step_key = jax.random.fold_in(base_key, 0x57E9)
 
-  reporter = Reporter(workdir, total_steps, enabled=is_main, progress=config.progress)
-  reporter.start_at(start_step)
+  reporter = Reporter(workdir, total_steps, enabled=is_main, progress=config.progress,
+                      start_step=start_step)
   if start_step:
     reporter.message(f"resumed from step {start_step} ({manager.directory})")
   schedule = create_schedule(config, total_steps)
@@ -184,6 +198,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         data_wait += time.perf_counter() - t0
         state, metrics = executor.train_step(state, batch, step_key)
         pending.append(metrics)
+        if len(pending) > _MAX_STEPS_IN_FLIGHT:
+          # Bound how far dispatch runs ahead of the device. Waiting on an older step keeps the
+          # device fed, holds at most this many batches on it, and avoids a collective deadlock
+          # of XLA:CPU's multi-device client when hundreds of steps are queued at once.
+          jax.block_until_ready(pending[-1 - _MAX_STEPS_IN_FLIGHT])
         step += 1
         last = step == total_steps
 
@@ -228,7 +247,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       json.dump({"step": step, **eval_metrics}, f, indent=2)
     if (config.task == "segmentation" and step == total_steps and process_count == 1
         and config.seg.overlays):
-      _save_overlays(model, executor.to_checkpoint(state), eval_input, workdir,
+      _save_overlays(model, task, executor.to_checkpoint(state), eval_input, workdir,
                      max_images=int(config.seg.overlays))
   return eval_metrics
 
@@ -244,12 +263,13 @@ def _add_weight_maps(train_input, config) -> None:
   )
 
 
-def _save_overlays(model, state, eval_input, workdir: str, max_images: int = 8) -> None:
+def _save_overlays(model, task, state, eval_input, workdir: str, max_images: int = 8) -> None:
   """WORKDIR/overlays/eval_NNN.png: image | prediction | errors, for the first eval images."""
   from jaxvision.segmentation import save_overlays
 
   variables = jax.device_get(state.variables(state.eval_params))
-  predict = jax.jit(lambda x: model.apply(variables, x, train=False))
+  predict = jax.jit(lambda x: task.eval_logits(
+      lambda images: model.apply(variables, images, train=False), x))
   images, labels, predictions = [], [], []
   for batch in eval_input.eval_batches():
     keep = batch["valid"]

@@ -3,6 +3,7 @@
 Both executors expose the same methods, so the loop never branches on the mode:
   init_state(rng) / train_step(state, batch) / eval_step(state, batch) / put_batch(batch)
   to_checkpoint(state) / from_checkpoint(state) / abstract_checkpoint (restore target)
+  compiled_train_step: the jitted (or pmapped) step itself, which `train.bench` times.
 Checkpoints hold one global copy of the state, so a run saved under one topology (devices,
 processes, mesh or pmap) restores under another.
 """
@@ -51,7 +52,8 @@ def select_devices(config, devices: list) -> list:
   return list(devices)[:n]
 
 
-def _step_kwargs(config, task) -> dict:
+def step_kwargs(config, task) -> dict:
+  """The keyword arguments that bind `step.train_step` to one config: what both executors jit."""
   return dict(
       task=task,
       grad_accum_steps=int(config.grad_accum_steps),
@@ -94,8 +96,8 @@ class MeshExecutor:
     )
     # Initialise directly into the target sharding: no full copy on one device first.
     self._init = jax.jit(create, out_shardings=self.state_sharding)
-    self._train = jax.jit(
-        functools.partial(step_lib.train_step, **_step_kwargs(config, task)),
+    self.compiled_train_step = jax.jit(
+        functools.partial(step_lib.train_step, **step_kwargs(config, task)),
         in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
         out_shardings=(self.state_sharding, self.replicated),
         donate_argnums=(0,),
@@ -118,6 +120,7 @@ class MeshExecutor:
     return self.replicated
 
   def init_state(self, rng):
+    """A fresh TrainState, created directly in its target sharding."""
     return self._init(rng)
 
   def put_batch(self, batch: dict) -> dict:
@@ -127,18 +130,23 @@ class MeshExecutor:
     }
 
   def train_step(self, state, batch, rng):
-    return self._train(state, batch, rng)
+    """One optimizer step on a batch from `put_batch`; returns (state, replicated metrics)."""
+    return self.compiled_train_step(state, batch, rng)
 
   def eval_step(self, state, batch):
+    """Summed eval metrics of one batch (see `train.step.eval_step`)."""
     return self._eval(state, batch)
 
   def to_checkpoint(self, state):
+    """The state as saved: already one global copy under the mesh."""
     return state
 
   def from_checkpoint(self, state):
+    """The state as restored (in `abstract_checkpoint`'s sharding): used as is."""
     return state
 
   def host_scalar(self, x) -> np.ndarray:
+    """A (replicated) device value as a numpy array on the host."""
     return np.asarray(jax.device_get(x))
 
 
@@ -160,8 +168,8 @@ class PmapExecutor:
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device0), abstract
     )
     self._init = jax.jit(create)
-    self._train = jax.pmap(
-        functools.partial(step_lib.train_step, axis_name=self.axis_name, **_step_kwargs(config, task)),
+    self.compiled_train_step = jax.pmap(
+        functools.partial(step_lib.train_step, axis_name=self.axis_name, **step_kwargs(config, task)),
         axis_name=self.axis_name,
         in_axes=(0, 0, None),
         donate_argnums=(0,),
@@ -176,6 +184,7 @@ class PmapExecutor:
     self.num_devices = num_devices
 
   def init_state(self, rng):
+    """A fresh TrainState, one copy per local device."""
     return self.from_checkpoint(self._init(rng))
 
   def put_batch(self, batch: dict) -> dict:
@@ -187,10 +196,12 @@ class PmapExecutor:
     }
 
   def train_step(self, state, batch, rng):
-    state, metrics = self._train(state, batch, rng)
+    """One optimizer step on a batch from `put_batch`; returns (state, first device's metrics)."""
+    state, metrics = self.compiled_train_step(state, batch, rng)
     return state, jax.tree.map(lambda x: x[0], metrics)
 
   def eval_step(self, state, batch):
+    """Summed eval metrics of one batch, psum'd over devices (see `train.step.eval_step`)."""
     return jax.tree.map(lambda x: x[0], self._eval(state, batch))
 
   def to_checkpoint(self, state):
@@ -198,12 +209,14 @@ class PmapExecutor:
     return jax.tree.map(lambda x: x[0], state)
 
   def from_checkpoint(self, state):
+    """One global copy (as restored) -> one copy per local device."""
     n = len(self.devices)
     return jax.tree.map(
         lambda x: jax.device_put(jnp.broadcast_to(x, (n,) + x.shape), self._batch_sharding), state
     )
 
   def host_scalar(self, x) -> np.ndarray:
+    """A device value (already unstacked by the step methods) as a numpy array on the host."""
     return np.asarray(jax.device_get(x))
 
 

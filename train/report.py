@@ -13,6 +13,31 @@ import sys
 import time
 
 
+def _drop_rows_after(path: str, step: int) -> None:
+  """Keeps the rows of `path` up to `step`: a resumed run redoes (and relogs) the steps after it.
+
+  Rewritten through a temporary file and a rename, so a kill here loses no row.
+  """
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [ln for ln in lines if ln.strip() and _row_step(ln) <= step]
+  if len(kept) == len(lines):
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(ln if ln.endswith("\n") else ln + "\n" for ln in kept)
+  os.replace(tmp, path)
+
+
+def _row_step(line: str) -> float:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):  # a half-written last line from a kill
+    return math.inf
+
+
 def _clean(value):
   value = float(value)
   return value if math.isfinite(value) else str(value)  # JSON has no NaN/Inf
@@ -27,7 +52,8 @@ class Reporter:
     enabled: False on every process but 0.
   """
 
-  def __init__(self, workdir: str, total_steps: int, *, enabled: bool = True, progress: str = "auto"):
+  def __init__(self, workdir: str, total_steps: int, *, enabled: bool = True, progress: str = "auto",
+               start_step: int = 0):
     self.workdir = workdir
     self.total_steps = total_steps
     self.enabled = enabled
@@ -37,11 +63,14 @@ class Reporter:
     self._start = time.time()
     if not enabled:
       return
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    path = os.path.join(workdir, "metrics.jsonl")
+    _drop_rows_after(path, start_step)
+    self._jsonl = open(path, "a", buffering=1)
     try:
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      # purge_step hides events (step >= it) a previous attempt logged past the resumed step.
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
     except ImportError:  # TensorBoard events are optional; metrics.jsonl is the interface
       self._tb = None
     if progress == "auto":
@@ -50,13 +79,7 @@ class Reporter:
     if progress == "bar":
       from tqdm import tqdm
 
-      self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
-
-  def start_at(self, step: int) -> None:
-    """Positions the progress bar at a resumed step."""
-    if self._bar is not None:
-      self._bar.n = step
-      self._bar.refresh()
+      self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, initial=start_step)
 
   def write(self, step: int, split: str, metrics: dict) -> None:
     """Records `metrics` of `split` at `step` everywhere."""
@@ -92,6 +115,7 @@ class Reporter:
       print(text, flush=True)
 
   def close(self) -> None:
+    """Closes the progress bar and flushes the TensorBoard writer."""
     if self._bar is not None:
       self._bar.close()
     if self._tb is not None:

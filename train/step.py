@@ -113,7 +113,14 @@ def train_step(
 
 def eval_step(state: TrainState, batch: dict, *, task, axis_name: str | None = None) -> dict:
   """Sums of the eval metrics over the valid examples of `batch`."""
-  logits = state.apply_fn(state.variables(state.eval_params), batch["image"], train=False)
+  variables = state.variables(state.eval_params)
+
+  def forward(images):
+    return state.apply_fn(variables, images, train=False)
+
+  # A task may score something other than one forward pass (segmentation's test-time average).
+  eval_logits = getattr(task, "eval_logits", None)
+  logits = eval_logits(forward, batch["image"]) if eval_logits else forward(batch["image"])
   sums = task.eval_sums(logits, batch)
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)

@@ -35,6 +35,7 @@ class EncodedImage:
 
   @property
   def name(self) -> str:
+    """The file path, or '<bytes>' for in-memory data: what error messages name."""
     return self.path or "<bytes>"
 
   def open(self) -> Image.Image:

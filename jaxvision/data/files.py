@@ -56,10 +56,12 @@ class FileSource:
 
   @property
   def names(self) -> list[str]:
+    """Each example's file name, in order."""
     return [f.name for f in self.files]
 
   @property
   def channels(self) -> int:
+    """1 for grayscale files, else 3 (decided by the first file's mode)."""
     return 1 if self.files and self.files[0].mode == "L" else 3
 
   def get_batch(self, indices: np.ndarray) -> dict:

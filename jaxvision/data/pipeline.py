@@ -71,14 +71,17 @@ class ArrayInput:
 
   @property
   def num_examples(self) -> int:
+    """Examples in the split (before batching or padding)."""
     return len(self.source)
 
   @property
   def num_classes(self) -> int:
+    """The source's number of classes."""
     return self.source.num_classes
 
   @property
   def task(self) -> str:
+    """'classification' or 'segmentation', from the source."""
     return self.source.task
 
   @property

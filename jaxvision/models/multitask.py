@@ -38,6 +38,7 @@ class MultiTaskNet(nn.Module):
   param_dtype: Any = jnp.float32
 
   def setup(self):
+    """Builds the headless backbone, sharing its parameter scope with this module."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.features = create_model(self.backbone, num_classes=0, **kw, **dict(self.backbone_kwargs))
     # The backbone's parameters live at this module's level, named as in the backbone alone.

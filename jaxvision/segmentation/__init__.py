@@ -1,5 +1,6 @@
 """Semantic segmentation: the task the trainer uses, losses, exact confusion-matrix metrics,
-the U-Net weight map, overlap-tile inference and prediction overlays.
+the U-Net weight map, overlap-tile inference, test-time averaging over flips and rotations, and
+prediction overlays.
 
     task = SegmentationTask.from_config(num_classes, config)
     loss, batch_metrics = task.loss(logits, batch)          # logits [B, h, w, K], label [B, H, W]
@@ -19,11 +20,13 @@ from jaxvision.segmentation.metrics import confusion_matrix, confusion_metrics, 
 from jaxvision.segmentation.overlay import predict_and_save_overlays, save_overlays
 from jaxvision.segmentation.task import SegmentationTask, center_crop
 from jaxvision.segmentation.tiling import mirror_pad, predict_tiled
+from jaxvision.segmentation.tta import dihedral_logits
 from jaxvision.segmentation.weight_map import add_weight_map, unet_weight_map
 
 __all__ = [
     "SegmentationTask", "add_weight_map", "binary_cross_entropy", "center_crop",
-    "class_probabilities", "confusion_matrix", "confusion_metrics", "dice_sums", "label_mask",
-    "mirror_pad", "pixel_cross_entropy", "pixel_weights", "predict", "predict_and_save_overlays",
-    "predict_tiled", "save_overlays", "soft_dice_loss", "unet_weight_map",
+    "class_probabilities", "confusion_matrix", "confusion_metrics", "dice_sums", "dihedral_logits",
+    "label_mask", "mirror_pad", "pixel_cross_entropy", "pixel_weights", "predict",
+    "predict_and_save_overlays", "predict_tiled", "save_overlays", "soft_dice_loss",
+    "unet_weight_map",
 ]

@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxvision.segmentation import losses
 from jaxvision.segmentation.metrics import confusion_matrix, confusion_metrics, label_mask, predict
+from jaxvision.segmentation.tta import dihedral_logits
 
 LOSS_TERMS = ("cross_entropy", "bce", "dice")
 
@@ -35,11 +36,13 @@ class SegmentationTask:
     num_classes: number of classes K (a one-channel model output is a sigmoid logit, K = 2).
     loss_terms: summed loss terms, from 'cross_entropy', 'bce' and 'dice'.
     class_weights: per-class weights of the cross-entropy terms, or None.
+    test_time_augment: evaluate the average over the 8 flips/rotations (`tta.dihedral_logits`).
   """
 
   num_classes: int
   loss_terms: tuple[str, ...] = ("cross_entropy",)
   class_weights: tuple[float, ...] | None = None
+  test_time_augment: bool = False
 
   def __post_init__(self):
     if self.num_classes < 2:
@@ -63,7 +66,7 @@ class SegmentationTask:
     terms = tuple(t.strip() for t in str(config.seg.loss).split("+") if t.strip())
     weights = config.seg.class_weights
     weights = tuple(float(w) for w in weights) if weights not in ("", None, ()) else None
-    return cls(num_classes, terms, weights)
+    return cls(num_classes, terms, weights, bool(config.seg.get("tta", False)))
 
   # -- shared pieces --------------------------------------------------------------------------
   def _aligned(self, logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array | None]:
@@ -97,6 +100,12 @@ class SegmentationTask:
       loss = loss + losses.soft_dice_loss(s["dice_intersection"], s["dice_prob"], s["dice_target"])
     accuracy = jnp.sum((predict(logits) == labels) * m) / count
     return loss, {"pixel_accuracy": accuracy}
+
+  def eval_logits(self, apply_fn, images: jax.Array) -> jax.Array:
+    """The logits that evaluation scores: `apply_fn(images)`, or its dihedral average."""
+    if self.test_time_augment:
+      return dihedral_logits(apply_fn, images)
+    return apply_fn(images)
 
   def eval_sums(self, logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
     """Sums over the valid examples' labelled pixels: confusion matrix, loss, Dice sums, count."""
