@@ -26,10 +26,6 @@ from train.report import Reporter
 log = logging.getLogger("train")
 
 
-# Steps dispatched but not yet finished, at most (see the train loop).
-_MAX_STEPS_IN_FLIGHT = 2
-
-
 class NonFiniteLossError(RuntimeError):
   """The loss or gradients became NaN/Inf; the run stops, the last good checkpoint stays."""
 
@@ -90,7 +86,8 @@ def build_model(config, input_shape: tuple[int, ...] | None = None):
   try:
     model = create_model(config.model, num_classes=config.num_classes, dtype=dtype, **kwargs)
   except TypeError as e:
-    raise ValueError(f"config.model_kwargs={kwargs} do not fit model {config.model!r}: {e}") from None
+    raise ValueError(
+        f"config.model_kwargs={kwargs} do not fit model {config.model!r}: {e}") from None
   sized = "image_size" in {f.name for f in dataclasses.fields(model)}
   if input_shape is not None and sized and "image_size" not in kwargs:
     height, width = (int(d) for d in input_shape[1:3])
@@ -198,11 +195,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         data_wait += time.perf_counter() - t0
         state, metrics = executor.train_step(state, batch, step_key)
         pending.append(metrics)
-        if len(pending) > _MAX_STEPS_IN_FLIGHT:
-          # Bound how far dispatch runs ahead of the device. Waiting on an older step keeps the
-          # device fed, holds at most this many batches on it, and avoids a collective deadlock
-          # of XLA:CPU's multi-device client when hundreds of steps are queued at once.
-          jax.block_until_ready(pending[-1 - _MAX_STEPS_IN_FLIGHT])
         step += 1
         last = step == total_steps
 

@@ -52,8 +52,8 @@ class Reporter:
     enabled: False on every process but 0.
   """
 
-  def __init__(self, workdir: str, total_steps: int, *, enabled: bool = True, progress: str = "auto",
-               start_step: int = 0):
+  def __init__(self, workdir: str, total_steps: int, *, enabled: bool = True,
+               progress: str = "auto", start_step: int = 0):
     self.workdir = workdir
     self.total_steps = total_steps
     self.enabled = enabled
