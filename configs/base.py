@@ -54,7 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3  # most recent checkpoints kept (the best one is kept as well)
   c.best_metric = "accuracy"  # eval metric that picks the best checkpoint; '' disables
   c.best_mode = "max"  # 'max' | 'min'
-  c.stop_at_step = 0  # > 0: end this run early at that step, as if preempted (the schedule is unchanged)
+  # > 0: end this run early at that step, as if preempted (the schedule is unchanged).
+  c.stop_at_step = 0
   c.seed = 0  # one seed for init, data order, dropout and augmentation
 
   # --- Optimization --------------------------------------------------------------------------
@@ -105,7 +106,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seg.weight_map = False  # the U-Net paper's border weight map (segmentation.add_weight_map)
   c.seg.weight_map_w0 = 10.0  # weight map: extra weight w0 of the thinnest borders between cells
   c.seg.weight_map_sigma = 5.0  # weight map: border width sigma, in pixels
-  c.seg.tta = False  # evaluate the average over the 8 flips/rotations (the U-Net paper's ISBI entry)
+  # Test-time augmentation of evaluation: '' (off), 'dihedral' (the average over the 8
+  # flips/rotations, as the U-Net paper's ISBI entry did) or 'hflip' (input and mirror image).
+  c.seg.tta = ""
   c.seg.overlays = 5  # eval examples saved as overlay PNGs in the workdir at the end (0: none)
 
   # --- Output --------------------------------------------------------------------------------

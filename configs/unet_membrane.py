@@ -43,7 +43,7 @@ def get_config(arg: str | None = None):
   c.data.augment = "crop,flip,rot90,elastic(10,3)"
   c.seg.loss = "cross_entropy"
   # Score the average over the 8 flips/rotations, as the paper's ISBI entry did (7 rotations).
-  c.seg.tta = True
+  c.seg.tta = "dihedral"
   c.best_metric = "pixel_error"
   c.best_mode = "min"
   c.optimizer = "adam"

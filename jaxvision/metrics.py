@@ -10,7 +10,9 @@ import numpy as np
 from jaxvision.losses import onehot, softmax_cross_entropy
 
 
-def classification_sums(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
+def classification_sums(
+    logits: jax.Array, labels: jax.Array, valid: jax.Array
+) -> dict[str, jax.Array]:
   """Sums over the valid examples of a batch: loss, correct top-1/top-5, count."""
   valid = valid.astype(jnp.float32)
   logits = logits.astype(jnp.float32)

@@ -53,6 +53,8 @@ CASES = [
     ("missing_config_file", ["--config=configs/no_such_config.py"], ["no_such_config.py"]),
     ("broken_config_file", ["--config={broken_config}"], ["broken_config.py", "line 3"]),
     ("model_kwargs_unknown", ["--config={lenet_bad_kwargs}"], ["model_kwargs", "'lenet'", "widht"]),
+    ("model_kwargs_flag_not_key_value", ["--model_kwargs=width"], ["--model_kwargs", "'width'"]),
+    ("model_kwargs_flag_unknown", ["--model_kwargs=widht=3"], ["model_kwargs", "'lenet'", "widht"]),
     ("unexpected_argument", ["stray"], ["stray"]),
     # --- splits ----------------------------------------------------------------------------------
     ("split_bad_syntax", ["--config.train_split=train[:80"], ["'train[:80'"]),

@@ -211,12 +211,24 @@ def _labelled_pair(h=24, w=24, classes=4, seed=0):
   return image, mask
 
 
-@pytest.mark.parametrize("op", ["flip", "rot90"])
+@pytest.mark.parametrize("op", ["flip", "hflip", "rot90"])
 def test_joint_flip_and_rot90_keep_alignment(op):
   image, mask = _labelled_pair()
   for seed in range(8):
     out_image, out_mask = getattr(seg, op)(image, mask, np.random.default_rng(seed))
     np.testing.assert_array_equal(np.round(out_image[..., 0] / 0.25).astype(int), out_mask)
+
+
+def test_hflip_never_turns_the_image_upside_down():
+  image, mask = _labelled_pair()
+  outcomes = set()
+  for seed in range(16):
+    out_image, out_mask = seg.hflip(image, mask, np.random.default_rng(seed))
+    assert np.array_equal(out_mask, mask) or np.array_equal(out_mask, mask[:, ::-1])
+    outcomes.add(np.array_equal(out_mask, mask))
+  assert outcomes == {True, False}
+  with pytest.raises(ValueError, match="drop 'hflip'"):
+    parse_augment("crop,flip,hflip", "segmentation")
 
 
 def test_joint_crop_keeps_alignment_and_mirror_pads():

@@ -99,11 +99,27 @@ def _reference_max_pool(x, window, stride, pad, ceil_mode):
 @pytest.mark.parametrize("size,window,stride,pad,ceil_mode", [
     (8, 2, 2, 0, False), (7, 3, 2, 0, False), (7, 3, 2, 0, True), (112, 3, 2, 1, False),
     (16, 3, 2, 0, True), (14, 3, 1, 1, True), (5, 2, 2, 0, True), (6, 3, 2, 1, True),
-    (5, 2, 2, 1, True)])
+    (5, 2, 2, 1, True), (7, 2, 2, 0, False), (9, 3, 3, 0, False)])
 def test_max_pool_matches_torch_semantics(size, window, stride, pad, ceil_mode):
   x = np.random.default_rng(size).standard_normal((2, size, size + 1, 3)).astype(np.float32)
   y = max_pool(jnp.asarray(x), window, stride, pad, ceil_mode=ceil_mode)
   np.testing.assert_array_equal(y, _reference_max_pool(x, window, stride, pad, ceil_mode))
+
+
+def test_max_pool_over_disjoint_tiles_has_reduce_windows_gradient():
+  # window == stride takes the reshape-and-max path; with distinct values its gradient must be
+  # the one XLA's select-and-scatter gives.
+  x = jnp.asarray(np.random.default_rng(0).permutation(2 * 10 * 11 * 3).reshape(2, 10, 11, 3),
+                  jnp.float32)
+  v = jnp.asarray(np.random.default_rng(1).standard_normal((2, 5, 5, 3)), jnp.float32)
+
+  def reference(x):
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+                                 ((0, 0), (0, 0), (0, 0), (0, 0)))[:, :5, :5]
+
+  np.testing.assert_array_equal(max_pool(x, 2), reference(x))
+  np.testing.assert_array_equal(jax.grad(lambda x: jnp.vdot(max_pool(x, 2), v))(x),
+                                jax.grad(lambda x: jnp.vdot(reference(x), v))(x))
 
 
 def test_pool_output_size_ceil_mode_rule():

@@ -23,6 +23,7 @@ from jaxvision.segmentation import (
     confusion_matrix,
     confusion_metrics,
     dihedral_logits,
+    tta_logits,
     predict_and_save_overlays,
     predict_tiled,
     save_overlays,
@@ -241,15 +242,31 @@ def test_dihedral_logits_leave_a_pointwise_model_unchanged_and_keep_sigmoid_outp
     dihedral_logits(pointwise, x[0])
 
 
+def test_hflip_tta_averages_the_input_and_its_mirror():
+  x = np.random.default_rng(4).normal(size=(2, 6, 4, 1)).astype(np.float32)
+  plain = np.asarray(jax.nn.softmax(_position_dependent(jnp.asarray(x)), -1))
+  mirrored = np.asarray(jax.nn.softmax(_position_dependent(jnp.asarray(x[:, :, ::-1])), -1))
+  np.testing.assert_allclose(np.exp(tta_logits(_position_dependent, jnp.asarray(x), "hflip")),
+                             (plain + mirrored[:, :, ::-1]) / 2, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="'vflip'"):
+    tta_logits(_position_dependent, jnp.asarray(x), "vflip")
+
+
 def test_task_evaluates_the_dihedral_average_when_configured():
   c = base.get_config()
   x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 4, 4, 1)), jnp.float32)
   plain = get_task("segmentation", num_classes=3, config=c)
   np.testing.assert_array_equal(plain.eval_logits(_position_dependent, x), _position_dependent(x))
-  c.seg.tta = True
+  c.seg.tta = "dihedral"
   tta = get_task("segmentation", num_classes=3, config=c)
   np.testing.assert_allclose(tta.eval_logits(_position_dependent, x),
                              dihedral_logits(_position_dependent, x))
+  c.seg.tta = "hflip"
+  np.testing.assert_allclose(get_task("segmentation", num_classes=3, config=c).eval_logits(
+      _position_dependent, x), tta_logits(_position_dependent, x, "hflip"))
+  c.seg.tta = "rot45"
+  with pytest.raises(ValueError, match="seg.tta='rot45'"):
+    get_task("segmentation", num_classes=3, config=c)
 
 
 # -- weight map -----------------------------------------------------------------------------------

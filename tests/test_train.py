@@ -189,6 +189,42 @@ def test_cli_indivisible_batch_is_one_line_error(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+def test_host_dispatches_at_most_two_steps_ahead(tmp_path, monkeypatch):
+  # Between log steps nothing syncs the host, so without a bound it queues up to log_every steps
+  # (each pinning a batch on the device, and each delaying a SIGTERM's checkpoint).
+  outputs, ahead = [], []
+  create = loop.create_executor
+
+  def spying_executor(*args, **kwargs):
+    executor = create(*args, **kwargs)
+    train_step = executor.train_step
+
+    def step(state, batch, key):
+      # Steps dispatched whose results are not ready yet, just before this one is dispatched.
+      ahead.append(sum(not x.is_ready() for x in (jax.tree.leaves(m)[0] for m in outputs)))
+      state, metrics = train_step(state, batch, key)
+      outputs.append(metrics)
+      return state, metrics
+
+    executor.train_step = step
+    return executor
+
+  monkeypatch.setattr(loop, "create_executor", spying_executor)
+  loop.train_and_evaluate(small_config(total_steps=40, log_every=40, batch_size=256,
+                                       checkpoint_every=0), str(tmp_path))
+  assert len(ahead) == 40 and max(ahead) <= loop.MAX_STEPS_AHEAD
+
+
+def test_cli_model_kwargs_reach_the_model(tmp_path):
+  # --model_kwargs adds keys the config file does not set (--config.model_kwargs.KEY cannot).
+  result = run_cli("--config", "configs/lenet_digits.py", "--workdir", str(tmp_path),
+                   "--config.total_steps=2", "--config.eval_split=", "--config.progress=none",
+                   "--model_kwargs=pool=max,activation=relu")
+  assert result.returncode == 0, result.stderr
+  config = json.load(open(tmp_path / "config.json"))
+  assert config["model_kwargs"] == {"pool": "max", "activation": "relu"}
+
+
 def test_sigterm_saves_and_exits_zero(tmp_path):
   workdir = tmp_path / "w"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
@@ -221,8 +257,8 @@ def test_lenet_mnist_end_to_end_on_tfds_mock_data(tmp_path):
 
   c = lenet_mnist.get_config()
   with c.unlocked():
-    c.update(total_steps=6, num_epochs=0, log_every=2, eval_every=3, checkpoint_every=3, batch_size=16,
-             progress="none")
+    c.update(total_steps=6, num_epochs=0, log_every=2, eval_every=3, checkpoint_every=3,
+             batch_size=16, progress="none")
   with tfds.testing.mock_data(num_examples=64):
     metrics = loop.train_and_evaluate(c, str(tmp_path))
   assert 0.0 <= metrics["accuracy"] <= 1.0 and np.isfinite(metrics["loss"])

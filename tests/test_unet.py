@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxvision.layers.conv import NonOverlappingConvTranspose
 from jaxvision.models import create_model, list_models, model_info
 from jaxvision.models.unet import UNet, conv_transpose_padding, unet_output_size, valid_input_size
 
@@ -110,6 +111,31 @@ def test_transposed_convolution_seeds_example():
   np.testing.assert_array_equal(_conv_transpose(x, k, 2, 0), full)
   # Padding 1 removes the first and last rows and columns of the full output.
   np.testing.assert_array_equal(_conv_transpose(x, k, 2, 1), full[1:-1, 1:-1])
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_non_overlapping_conv_transpose_is_flax_conv_transpose(k):
+  # U-Net's up-convolution is computed as a matrix product; it must be nn.ConvTranspose with
+  # transpose_kernel=True: same parameter shapes, same initial values, same outputs.
+  x = jnp.asarray(np.random.default_rng(k).normal(size=(2, 5, 4, 6)), jnp.float32)
+  fast = NonOverlappingConvTranspose(3, k)
+  flax_layer = nn.ConvTranspose(3, (k, k), strides=(k, k), padding=conv_transpose_padding(k, 0),
+                                transpose_kernel=True)
+  params = fast.init(jax.random.key(1), x)
+  reference_params = flax_layer.init(jax.random.key(1), x)
+  chex.assert_trees_all_equal(params, reference_params)
+  params = {"params": {"kernel": jnp.asarray(np.random.default_rng(9).normal(size=(k, k, 3, 6)),
+                                             jnp.float32),
+                       "bias": jnp.arange(3, dtype=jnp.float32)}}
+  y = fast.apply(params, x)
+  chex.assert_shape(y, (2, 5 * k, 4 * k, 3))
+  np.testing.assert_allclose(y, flax_layer.apply(params, x), atol=1e-5)
+  # The seeds' example through the fast layer.
+  seeds = {"params": {"kernel": jnp.array([[0.0, 1.0], [2.0, 3.0]])[:, :, None, None]}}
+  y = NonOverlappingConvTranspose(1, 2, use_bias=False).apply(
+      seeds, jnp.array([[0.0, 1.0], [2.0, 3.0]])[None, :, :, None])
+  np.testing.assert_array_equal(
+      y[0, :, :, 0], [[0, 0, 0, 1], [0, 0, 2, 3], [0, 2, 0, 3], [4, 6, 6, 9]])
 
 
 def test_transposed_convolution_restores_shape_and_is_the_adjoint_of_convolution():

@@ -2,7 +2,8 @@
 
 Trains the experiment that the config file describes and evaluates it on its held-out split.
 Every key is listed, with its meaning, in configs/base.py; override any of them on the command
-line, e.g. --config.batch_size=256 --config.learning_rate=0.1 --config.parallel=pmap.
+line, e.g. --config.batch_size=256 --config.learning_rate=0.1 --config.parallel=pmap. Model
+constructor arguments go in --model_kwargs=KEY=VALUE,... (merged into config.model_kwargs).
 
 Examples:
   python -m train --config configs/lenet_digits.py --workdir runs/lenet_digits   # no download
@@ -37,6 +38,11 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+_MODEL_KWARGS = flags.DEFINE_string(
+    "model_kwargs", "",
+    "Model constructor arguments merged into config.model_kwargs, e.g. 'width=32,upsample=resize' "
+    "(--config.model_kwargs.KEY works only for keys the config file already sets).",
+)
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Initialise JAX's distributed runtime by auto-detection (TPU pods, SLURM)."
 )
@@ -106,6 +112,16 @@ def main(argv):
     print(f"error: --config could not be loaded: {lines[-1] if lines else type(e).__name__}",
           file=sys.stderr)
     sys.exit(2)
+  if _MODEL_KWARGS.value:
+    from train.model_kwargs import parse_model_kwargs
+
+    try:
+      extra = parse_model_kwargs(_MODEL_KWARGS.value)
+    except ValueError as e:
+      print(f"error: --model_kwargs: {e}", file=sys.stderr)
+      sys.exit(2)
+    with config.unlocked():
+      config.model_kwargs.update(extra)
 
   # After the config: a bad one ends this process before it waits for the others.
   import jax

@@ -25,7 +25,6 @@ arguments end with one line and exit status 2.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
 import os
@@ -34,6 +33,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+
+from train.model_kwargs import parse_model_kwargs
 
 RESULT_KEYS = ("model", "framework", "mode", "batch_size", "dtype", "images_per_sec", "step_ms",
                "mfu", "compile_s", "peak_mem_gb", "device")
@@ -100,33 +101,6 @@ def result_row(**fields) -> dict:
   if set(fields) != set(RESULT_KEYS):
     raise KeyError(f"result keys {sorted(fields)} differ from {RESULT_KEYS}")
   return {k: fields[k] for k in RESULT_KEYS}
-
-
-def parse_model_kwargs(text: str) -> dict:
-  """'stem=small,widths=(8,16,32,64),remat=True' -> dict; values are Python literals or strings."""
-  kwargs: dict = {}
-  if not text:
-    return kwargs
-  parts, depth, current = [], 0, ""
-  for ch in text:  # split on the commas outside brackets
-    depth += ch in "([{"
-    depth -= ch in ")]}"
-    if ch == "," and depth == 0:
-      parts.append(current)
-      current = ""
-    else:
-      current += ch
-  parts.append(current)
-  for part in parts:
-    key, sep, value = part.partition("=")
-    key = key.strip()
-    if not sep or not key.isidentifier():
-      raise ValueError(f"--model-kwargs entry {part!r} is not key=value")
-    try:
-      kwargs[key] = ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError):
-      kwargs[key] = value.strip()
-  return kwargs
 
 
 # --- JAX side ------------------------------------------------------------------------------------

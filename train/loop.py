@@ -25,6 +25,12 @@ from train.report import Reporter
 
 log = logging.getLogger("train")
 
+# How many train steps the host may dispatch beyond the last one known finished. Unbounded, JAX's
+# asynchronous dispatch lets the host run up to log_every steps ahead of the device: every queued
+# step pins its input batch in device memory, and a SIGTERM (a preemption notice gives ~30 s)
+# would wait for the whole queue before the checkpoint. Two keep the device fed.
+MAX_STEPS_AHEAD = 2
+
 
 class NonFiniteLossError(RuntimeError):
   """The loss or gradients became NaN/Inf; the run stops, the last good checkpoint stays."""
@@ -114,7 +120,8 @@ def _check_workdir(workdir: str) -> None:
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final eval metrics."""
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final eval
+  metrics."""
   validate(config)
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
@@ -195,6 +202,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         data_wait += time.perf_counter() - t0
         state, metrics = executor.train_step(state, batch, step_key)
         pending.append(metrics)
+        if len(pending) > MAX_STEPS_AHEAD:
+          jax.block_until_ready(pending[-1 - MAX_STEPS_AHEAD])
         step += 1
         last = step == total_steps
 
@@ -211,7 +220,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           pending, window_start, data_wait = [], time.perf_counter(), 0.0
 
         evaluated = False
-        if eval_input is not None and ((config.eval_every and step % config.eval_every == 0) or last):
+        eval_due = config.eval_every and step % config.eval_every == 0
+        if eval_input is not None and (eval_due or last):
           eval_metrics = evaluate(executor, state, eval_input, task, config.data.prefetch)
           reporter.write(step, "eval", eval_metrics)
           evaluated = True
@@ -221,7 +231,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         # Across processes the flag is agreed at log steps only (it costs a collective).
         preempted = preemption.requested if process_count == 1 else (
             (step % config.log_every == 0 or last) and _agree(preemption.requested, process_count))
-        if (config.checkpoint_every and step % config.checkpoint_every == 0) or last or stopping or preempted:
+        checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0
+        if checkpoint_due or last or stopping or preempted:
           save(step, eval_metrics if evaluated else None, force=True)
         if preempted:
           reporter.message(f"SIGTERM: saved step {step}, exiting")
@@ -287,7 +298,8 @@ def _check_finite(executor, state, reporter) -> None:
 
 
 def _agree(flag: bool, process_count: int) -> bool:
-  """True on every process when any process got the flag (SIGTERM reaches hosts at different times)."""
+  """True on every process when any process got the flag (SIGTERM reaches hosts at different
+  times)."""
   if process_count == 1:
     return flag
   from jax.experimental import multihost_utils

@@ -51,7 +51,8 @@ def create_schedule(config, total_steps: int) -> optax.Schedule:
   name = config.schedule
   if name == "constant":
     if warmup:
-      return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+      return optax.join_schedules(
+          [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
     return optax.constant_schedule(lr)
   if name == "warmup_cosine":
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1), end)
@@ -62,7 +63,8 @@ def create_schedule(config, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
   if name == "piecewise":
     boundaries = [int(b * total_steps) if b < 1 else int(b) for b in config.decay_boundaries]
-    decay = optax.piecewise_constant_schedule(lr, {b: float(config.decay_factor) for b in boundaries})
+    factor = float(config.decay_factor)
+    decay = optax.piecewise_constant_schedule(lr, {b: factor for b in boundaries})
     if not warmup:
       return decay
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])

@@ -46,7 +46,8 @@ def select_devices(config, devices: list) -> list:
   if not n:
     return list(devices)
   if jax.process_count() > 1:
-    raise ValueError("config.mesh.num_devices selects devices of one process; leave it 0 for multi-process runs")
+    raise ValueError("config.mesh.num_devices selects devices of one process; leave it 0 for "
+                     "multi-process runs")
   if not 0 < n <= len(devices):
     raise ValueError(f"config.mesh.num_devices={n}, but this process has {len(devices)} devices")
   return list(devices)[:n]
@@ -92,7 +93,8 @@ class MeshExecutor:
     abstract = jax.eval_shape(create, jax.random.key(0))
     self.state_sharding = jax.tree.map(lambda leaf: self._leaf_sharding(leaf, fsdp), abstract)
     self.abstract_checkpoint = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_sharding
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract, self.state_sharding
     )
     # Initialise directly into the target sharding: no full copy on one device first.
     self._init = jax.jit(create, out_shardings=self.state_sharding)
@@ -169,7 +171,8 @@ class PmapExecutor:
     )
     self._init = jax.jit(create)
     self.compiled_train_step = jax.pmap(
-        functools.partial(step_lib.train_step, axis_name=self.axis_name, **step_kwargs(config, task)),
+        functools.partial(step_lib.train_step, axis_name=self.axis_name,
+                          **step_kwargs(config, task)),
         axis_name=self.axis_name,
         in_axes=(0, 0, None),
         donate_argnums=(0,),

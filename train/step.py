@@ -92,7 +92,8 @@ def train_step(
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   ema_params = state.ema_params
   if ema_decay:
-    ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema_params, params)
+    ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                              ema_params, params)
 
   # A NaN/Inf step is not applied: the state stays the last good one and remembers the step.
   def keep_if_finite(new, old):

@@ -16,6 +16,8 @@ Classification:
 Segmentation (image and mask move together):
   crop                           random image_size crop (without it: the center crop)
   flip                           horizontal and vertical flips, p = 0.5 each
+  hflip                          horizontal flip only, p = 0.5 (for labels that are not
+                                 symmetric top to bottom, e.g. drawn half a pixel high)
   rot90                          rotation by a random multiple of 90 degrees
   elastic(sigma=10, grid=3)      U-Net elastic deformation: random displacements on a coarse
                                  grid x grid grid, std sigma pixels, bicubic in between
@@ -37,6 +39,7 @@ CLASSIFICATION_OPS: dict[str, tuple[float, ...]] = {
 SEGMENTATION_OPS: dict[str, tuple[float, ...]] = {
     "crop": (),
     "flip": (),
+    "hflip": (),
     "rot90": (),
     "elastic": (10.0, 3),
     "jitter": (0.1,),
@@ -101,6 +104,7 @@ def _check_ranges(spec: str, ops: dict[str, tuple[float, ...]]) -> None:
 
   if "inception_crop" in ops:
     need(0 < ops["inception_crop"][0] <= 1, "inception_crop(min_area) needs 0 < min_area <= 1")
+  need(not ("flip" in ops and "hflip" in ops), "'flip' already flips horizontally; drop 'hflip'")
   if "pad_crop" in ops:
     need(ops["pad_crop"][0] >= 0, "pad_crop(pad) needs pad >= 0")
   if "randaug" in ops:

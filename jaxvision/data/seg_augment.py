@@ -36,6 +36,13 @@ def flip(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
   return image, mask
 
 
+def hflip(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+  """Horizontal flip with probability 1/2 (top and bottom stay where they are)."""
+  if rng.random() < 0.5:
+    image, mask = image[:, ::-1], mask[:, ::-1]
+  return image, mask
+
+
 def rot90(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
   """Rotation by k * 90 degrees, k uniform in {0, 1, 2, 3} (square inputs keep their shape)."""
   k = int(rng.integers(0, 4))

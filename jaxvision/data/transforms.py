@@ -294,6 +294,8 @@ def segmentation_transform(data_config, *, train: bool, image_size: int | None) 
       image, mask = seg_augment.crop(image, mask, image_size, rng if "crop" in ops else None)
     if "flip" in ops:
       image, mask = seg_augment.flip(image, mask, rng)
+    elif "hflip" in ops:
+      image, mask = seg_augment.hflip(image, mask, rng)
     if "rot90" in ops:
       image, mask = seg_augment.rot90(image, mask, rng)
     if "elastic" in ops and ops["elastic"][0] > 0:

@@ -135,6 +135,8 @@ def max_pool(
   """
   window, padding = _pair(window), _pair(padding)
   stride = window if stride is None else _pair(stride)
+  if window == stride and padding == (0, 0) and not ceil_mode:
+    return _max_pool_tiles(x, window)
   pads = []
   for axis in (0, 1):
     size = x.shape[1 + axis]
@@ -155,6 +157,60 @@ def max_pool(
       (1, *stride, 1),
       ((0, 0), *pads, (0, 0)),
   )
+
+
+def _max_pool_tiles(x: jax.Array, window: tuple[int, int]) -> jax.Array:
+  """Max over disjoint `window` tiles (stride = window, remainder rows/columns dropped).
+
+  The same values as `reduce_window`, but as a reshape and a max: its gradient is an
+  elementwise mask instead of XLA's select-and-scatter, about 5x faster on CPU (a tie among
+  equal maxima shares the gradient instead of giving it to the first).
+  """
+  n, h, w, c = x.shape
+  (wh, ww) = window
+  out_h, out_w = h // wh, w // ww
+  if out_h < 1 or out_w < 1:
+    raise ValueError(f"max_pool: input of {x.shape[1:3]} is too small for window {window}")
+  x = x[:, :out_h * wh, :out_w * ww, :]
+  return x.reshape(n, out_h, wh, out_w, ww, c).max(axis=(2, 4))
+
+
+class NonOverlappingConvTranspose(nn.Module):
+  """Transposed convolution whose stride equals its kernel size (U-Net's 2x2 up-convolution).
+
+  Each input pixel then writes its own k x k output tile, so the layer is one matrix product
+  and a reshape. It computes what `nn.ConvTranspose(features, (k, k), strides=(k, k),
+  padding=conv_transpose_padding(k, 0), transpose_kernel=True)` computes, with the same
+  parameters (kernel `(k, k, features, in_features)`, bias `(features,)`) and initializers, but
+  XLA lowers that one to a dilated convolution that is ~10x slower to train on CPU.
+
+  Attributes:
+    features: output channels.
+    kernel_size: k, the kernel's height and width and the stride.
+    use_bias: add a bias.
+    dtype: computation dtype.
+    param_dtype: parameter dtype.
+  """
+
+  features: int
+  kernel_size: int = 2
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    n, h, w, c = x.shape
+    kernel = self.param("kernel", nn.linear.default_kernel_init, (k, k, self.features, c),
+                        self.param_dtype)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    # out[n, k*i + a, k*j + b, o] = sum_c x[n, i, j, c] * kernel[a, b, o, c]
+    y = jnp.einsum("nhwc,aboc->nhawbo", x, kernel).reshape(n, k * h, k * w, self.features)
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 def _adaptive_matrix(size: int, out: int) -> np.ndarray:

@@ -19,6 +19,12 @@ from jaxvision.models import (  # noqa: F401
     vgg,
     vit,
 )
-from jaxvision.models.registry import ModelInfo, create_model, list_models, model_info, register_model
+from jaxvision.models.registry import (
+    ModelInfo,
+    create_model,
+    list_models,
+    model_info,
+    register_model,
+)
 
 __all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model"]

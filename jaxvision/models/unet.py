@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxvision.layers.conv import NonOverlappingConvTranspose, max_pool
 from jaxvision.models.registry import register_model
 
 _PADDINGS = ("valid", "same")
@@ -133,10 +134,9 @@ class UpConv(nn.Module):
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if self.mode == "transpose":
-      # transpose_kernel=True: the textbook/PyTorch transposed convolution (kernel scattered as is).
-      return nn.ConvTranspose(self.features, (2, 2), strides=(2, 2),
-                              padding=conv_transpose_padding(2, 0), transpose_kernel=True,
-                              name="conv", **kw)(x)
+      # The textbook/PyTorch transposed convolution (kernel scattered as is); stride 2 = kernel 2,
+      # so it is computed as a matrix product (same parameters as nn.ConvTranspose).
+      return NonOverlappingConvTranspose(self.features, 2, name="conv", **kw)(x)
     b, h, w, c = x.shape
     x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method="bilinear")
     return nn.Conv(self.features, (3, 3), padding="SAME", name="conv", **kw)(x)
@@ -189,7 +189,7 @@ class UNet(nn.Module):
       x = DoubleConv(self.width * 2**level, name=f"enc{level}", **block)(x, train=train)
       self.sow("intermediates", f"skip{level}", x)
       skips.append(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool(x, 2)
     x = DoubleConv(self.width * 2**self.depth, name="bottleneck", **block)(x, train=train)
     if self.dropout_rate:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)

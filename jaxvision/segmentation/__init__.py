@@ -20,13 +20,13 @@ from jaxvision.segmentation.metrics import confusion_matrix, confusion_metrics, 
 from jaxvision.segmentation.overlay import predict_and_save_overlays, save_overlays
 from jaxvision.segmentation.task import SegmentationTask, center_crop
 from jaxvision.segmentation.tiling import mirror_pad, predict_tiled
-from jaxvision.segmentation.tta import dihedral_logits
+from jaxvision.segmentation.tta import TTA_VERSIONS, dihedral_logits, tta_logits
 from jaxvision.segmentation.weight_map import add_weight_map, unet_weight_map
 
 __all__ = [
-    "SegmentationTask", "add_weight_map", "binary_cross_entropy", "center_crop",
+    "SegmentationTask", "TTA_VERSIONS", "add_weight_map", "binary_cross_entropy", "center_crop",
     "class_probabilities", "confusion_matrix", "confusion_metrics", "dice_sums", "dihedral_logits",
     "label_mask", "mirror_pad", "pixel_cross_entropy", "pixel_weights", "predict",
     "predict_and_save_overlays", "predict_tiled", "save_overlays", "soft_dice_loss",
-    "unet_weight_map",
+    "tta_logits", "unet_weight_map",
 ]

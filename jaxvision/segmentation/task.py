@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxvision.segmentation import losses
 from jaxvision.segmentation.metrics import confusion_matrix, confusion_metrics, label_mask, predict
-from jaxvision.segmentation.tta import dihedral_logits
+from jaxvision.segmentation.tta import TTA_VERSIONS, tta_logits
 
 LOSS_TERMS = ("cross_entropy", "bce", "dice")
 
@@ -36,13 +36,14 @@ class SegmentationTask:
     num_classes: number of classes K (a one-channel model output is a sigmoid logit, K = 2).
     loss_terms: summed loss terms, from 'cross_entropy', 'bce' and 'dice'.
     class_weights: per-class weights of the cross-entropy terms, or None.
-    test_time_augment: evaluate the average over the 8 flips/rotations (`tta.dihedral_logits`).
+    test_time_augment: '' (off), or evaluate the average over flipped/rotated versions:
+      'dihedral' (the 8 flips/rotations) or 'hflip' (`tta.tta_logits`).
   """
 
   num_classes: int
   loss_terms: tuple[str, ...] = ("cross_entropy",)
   class_weights: tuple[float, ...] | None = None
-  test_time_augment: bool = False
+  test_time_augment: str = ""
 
   def __post_init__(self):
     if self.num_classes < 2:
@@ -52,6 +53,9 @@ class SegmentationTask:
         raise ValueError(f"seg.loss term {term!r} is unknown; join terms of {LOSS_TERMS} by '+'")
     if not self.loss_terms:
       raise ValueError(f"seg.loss is empty; join terms of {LOSS_TERMS} by '+'")
+    if self.test_time_augment and self.test_time_augment not in TTA_VERSIONS:
+      raise ValueError(f"seg.tta={self.test_time_augment!r}: choose '' (off), "
+                       f"{' or '.join(repr(v) for v in TTA_VERSIONS)}")
     if self.class_weights is not None and len(self.class_weights) != self.num_classes:
       raise ValueError(f"seg.class_weights has {len(self.class_weights)} values for "
                        f"{self.num_classes} classes")
@@ -66,7 +70,10 @@ class SegmentationTask:
     terms = tuple(t.strip() for t in str(config.seg.loss).split("+") if t.strip())
     weights = config.seg.class_weights
     weights = tuple(float(w) for w in weights) if weights not in ("", None, ()) else None
-    return cls(num_classes, terms, weights, bool(config.seg.get("tta", False)))
+    tta = config.seg.get("tta", "")
+    if isinstance(tta, bool):  # True: the 8 flips/rotations
+      tta = "dihedral" if tta else ""
+    return cls(num_classes, terms, weights, str(tta))
 
   # -- shared pieces --------------------------------------------------------------------------
   def _aligned(self, logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array | None]:
@@ -102,9 +109,9 @@ class SegmentationTask:
     return loss, {"pixel_accuracy": accuracy}
 
   def eval_logits(self, apply_fn, images: jax.Array) -> jax.Array:
-    """The logits that evaluation scores: `apply_fn(images)`, or its dihedral average."""
+    """The logits that evaluation scores: `apply_fn(images)`, or its test-time average."""
     if self.test_time_augment:
-      return dihedral_logits(apply_fn, images)
+      return tta_logits(apply_fn, images, self.test_time_augment)
     return apply_fn(images)
 
   def eval_sums(self, logits: jax.Array, batch: dict) -> dict[str, jax.Array]:

@@ -1,4 +1,4 @@
-"""Test-time augmentation by the dihedral group: predict the 8 flips/rotations, average.
+"""Test-time augmentation: predict flipped/rotated versions of the input, average.
 
 The U-Net paper's ISBI 2012 entry (pixel error 0.0611) is "averaged over 7 rotated versions of
 the input data". `dihedral_logits` does the same with all 8 symmetries of the square (4
@@ -6,6 +6,10 @@ rotations, each with and without a horizontal flip): every version's prediction 
 to the input's orientation and the class probabilities are averaged. It returns log-probabilities,
 so argmax, the cross-entropy and the confusion matrix of the averaged prediction follow as for
 any logits. A one-channel (sigmoid) output stays a one-channel logit of the averaged probability.
+
+`tta_logits(..., 'hflip')` averages the input and its horizontal mirror only: the choice for labels
+that are not symmetric top to bottom (see configs/unet_membrane.py), where vertical flips and
+rotations would average a systematic offset away.
 """
 
 from __future__ import annotations
@@ -35,21 +39,35 @@ def _untransform(y: jax.Array, k: int, flip: bool) -> jax.Array:
   return y
 
 
-def dihedral_logits(apply_fn: Callable[[jax.Array], jax.Array], images: jax.Array) -> jax.Array:
-  """Log of the class probabilities averaged over the 8 dihedral versions of `images`.
+# The versions each choice averages, as (quarter turns, horizontal flip first).
+TTA_VERSIONS: dict[str, tuple[tuple[int, bool], ...]] = {
+    "dihedral": tuple((k, flip) for flip in (False, True) for k in range(4)),
+    "hflip": ((0, False), (0, True)),
+}
+
+
+def tta_logits(apply_fn: Callable[[jax.Array], jax.Array], images: jax.Array,
+               versions: str = "dihedral") -> jax.Array:
+  """Log of the class probabilities averaged over the `versions` of `images` (TTA_VERSIONS).
 
   `apply_fn` maps [B, H, W, C] images to [B, h, w, K] logits; a 'valid' network's smaller,
   centred output is fine (the crop is symmetric). K = 1 means a sigmoid logit.
   """
+  if versions not in TTA_VERSIONS:
+    raise ValueError(f"test-time augmentation {versions!r}; choose from {tuple(TTA_VERSIONS)}")
   if images.ndim != 4:
-    raise ValueError(f"dihedral_logits expects [B, H, W, C] images, got shape {images.shape}")
+    raise ValueError(f"tta_logits expects [B, H, W, C] images, got shape {images.shape}")
   total = None
-  for flip in (False, True):
-    for k in range(4):
-      logits = _untransform(apply_fn(_transform(images, k, flip)), k, flip).astype(jnp.float32)
-      probs = jax.nn.sigmoid(logits) if logits.shape[-1] == 1 else jax.nn.softmax(logits, -1)
-      total = probs if total is None else total + probs
-  mean = jnp.clip(total / 8.0, _EPS, 1.0 - _EPS)
+  for k, flip in TTA_VERSIONS[versions]:
+    logits = _untransform(apply_fn(_transform(images, k, flip)), k, flip).astype(jnp.float32)
+    probs = jax.nn.sigmoid(logits) if logits.shape[-1] == 1 else jax.nn.softmax(logits, -1)
+    total = probs if total is None else total + probs
+  mean = jnp.clip(total / len(TTA_VERSIONS[versions]), _EPS, 1.0 - _EPS)
   if mean.shape[-1] == 1:
     return jnp.log(mean) - jnp.log1p(-mean)
   return jnp.log(mean)
+
+
+def dihedral_logits(apply_fn: Callable[[jax.Array], jax.Array], images: jax.Array) -> jax.Array:
+  """Log of the class probabilities averaged over the 8 dihedral versions of `images`."""
+  return tta_logits(apply_fn, images, "dihedral")
