@@ -23,10 +23,10 @@ from jaxvision.segmentation import (
     confusion_matrix,
     confusion_metrics,
     dihedral_logits,
-    tta_logits,
     predict_and_save_overlays,
     predict_tiled,
     save_overlays,
+    tta_logits,
     unet_weight_map,
 )
 from jaxvision.tasks import get_task
