@@ -13,14 +13,15 @@ error on the 5 held-out labelled slices (whole 512x512 images, every pixel):
 Why horizontal flips only. In this PNG release the labels sit about half a pixel above the
 membranes of the images. Over all 30 slices, the mean image intensity under the label's
 membrane pixels is 85.6 as given, 85.3 with the label moved down one row and 88.9 moved up one
-row (darker = better aligned; moved left/right: 87.6, 86.5). Trained with vertical flips and
-90-degree rotations, the network cannot learn that offset and draws every boundary centred: its
-prediction then scores better moved up one row (0.0749 vs 0.0756 on the slices' interior, the
-1000-step run of the old recipe). Trained with 'hflip' only, it learns the offset: its own
-placement is the best (0.0741; moved up or down one row: 0.0847, 0.0837). Test-time averaging
-follows suit. On that 600-step 'hflip' run the errors were 0.0748 without averaging, 0.0736
-averaged with the mirror image ('hflip'), and 0.0766 averaged over the 8 flips/rotations
-('dihedral').
+row (darker = better aligned; moved left/right: 87.6, 86.5), from
+`jaxvision.segmentation.label_shift_profile(images, masks, label=0, max_shift=1)`. Trained with
+vertical flips and 90-degree rotations, the network cannot learn that offset and draws every
+boundary centred: its prediction then scores better moved up one row (0.0749 vs 0.0756 on the
+slices' interior, the 1000-step run of the old recipe). Trained with 'hflip' only, it learns the
+offset: its own placement is the best (0.0741; moved up or down one row: 0.0847, 0.0837).
+Test-time averaging follows suit. On that 600-step 'hflip' run the errors were 0.0748 without
+averaging, 0.0736 averaged with the mirror image ('hflip'), and 0.0766 averaged over the 8
+flips/rotations ('dihedral').
 
 Pixel error at step 600 of a 600-step schedule (the last two runs on one core each, two at a
 time, so only their errors count):

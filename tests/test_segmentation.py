@@ -23,6 +23,7 @@ from jaxvision.segmentation import (
     confusion_matrix,
     confusion_metrics,
     dihedral_logits,
+    label_shift_profile,
     predict_and_save_overlays,
     predict_tiled,
     save_overlays,
@@ -267,6 +268,31 @@ def test_task_evaluates_the_dihedral_average_when_configured():
   c.seg.tta = "rot45"
   with pytest.raises(ValueError, match="seg.tta='rot45'"):
     get_task("segmentation", num_classes=3, config=c)
+
+
+# -- label alignment ------------------------------------------------------------------------------
+
+def test_label_shift_profile_finds_labels_drawn_one_row_too_high():
+  rng = np.random.default_rng(0)
+  images, masks = [], []
+  for _ in range(3):
+    image = rng.uniform(150, 200, (32, 40))
+    rows, cols = rng.choice(np.arange(4, 28), 4, replace=False), rng.choice(np.arange(4, 36), 4)
+    image[rows] = 20.0  # dark "membranes": horizontal and vertical lines
+    image[:, cols] = 20.0
+    mask = (image > 100).astype(np.int32)  # 0 on the lines
+    images.append(image)
+    masks.append(np.roll(mask, -1, axis=0))  # labels drawn one row above the lines
+  profile = label_shift_profile(images, masks, label=0, max_shift=2)
+  assert profile.shape == (5, 5)
+  # Moving the labels back down one row (dy = +1) puts them on the darkest pixels.
+  assert np.unravel_index(np.argmin(profile), profile.shape) == (3, 2)
+  aligned = label_shift_profile(images, [np.roll(m, 1, axis=0) for m in masks], label=0)
+  assert np.unravel_index(np.argmin(aligned), aligned.shape) == (2, 2)
+  with pytest.raises(ValueError, match="differ in size"):
+    label_shift_profile([images[0]], [masks[0][:-1]], label=0)
+  with pytest.raises(ValueError, match="label 7 is absent"):
+    label_shift_profile(images, masks, label=7)
 
 
 # -- weight map -----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Semantic segmentation: the task the trainer uses, losses, exact confusion-matrix metrics,
-the U-Net weight map, overlap-tile inference, test-time averaging over flips and rotations, and
-prediction overlays.
+the U-Net weight map, overlap-tile inference, test-time averaging over flips and rotations,
+prediction overlays, and a check that labels line up with their images.
 
     task = SegmentationTask.from_config(num_classes, config)
     loss, batch_metrics = task.loss(logits, batch)          # logits [B, h, w, K], label [B, H, W]
@@ -8,6 +8,7 @@ prediction overlays.
     metrics = task.finalize(sums)                           # pixel_error, miou, dice, iou_k, ...
 """
 
+from jaxvision.segmentation.alignment import label_shift_profile
 from jaxvision.segmentation.losses import (
     binary_cross_entropy,
     class_probabilities,
@@ -26,7 +27,7 @@ from jaxvision.segmentation.weight_map import add_weight_map, unet_weight_map
 __all__ = [
     "SegmentationTask", "TTA_VERSIONS", "add_weight_map", "binary_cross_entropy", "center_crop",
     "class_probabilities", "confusion_matrix", "confusion_metrics", "dice_sums", "dihedral_logits",
-    "label_mask", "mirror_pad", "pixel_cross_entropy", "pixel_weights", "predict",
-    "predict_and_save_overlays", "predict_tiled", "save_overlays", "soft_dice_loss",
+    "label_mask", "label_shift_profile", "mirror_pad", "pixel_cross_entropy", "pixel_weights",
+    "predict", "predict_and_save_overlays", "predict_tiled", "save_overlays", "soft_dice_loss",
     "tta_logits", "unet_weight_map",
 ]
