@@ -118,6 +118,10 @@ class MultiTask:
         "mae": jnp.mean(jnp.abs(prediction - target)),
     }
 
+  def eval_logits(self, apply_fn, images: jax.Array):
+    """The outputs that evaluation scores: one forward pass, `apply_fn(images)`."""
+    return apply_fn(images)
+
   def eval_sums(self, outputs, batch: dict) -> dict[str, jax.Array]:
     """Sums over the valid examples; `finalize` turns them into metrics."""
     logits, prediction = _split(outputs)

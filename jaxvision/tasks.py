@@ -1,4 +1,5 @@
-"""A task says how logits meet a batch: the training loss and the exact eval sums.
+"""A task says how logits meet a batch: the training loss, what evaluation scores, and the exact
+eval sums.
 
 The trainer is task-agnostic; `get_task(name)` returns one of these.
 """
@@ -44,6 +45,10 @@ class ClassificationTask:
     loss = jnp.mean(per_example)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return loss, {"accuracy": accuracy}
+
+  def eval_logits(self, apply_fn, images: jax.Array) -> jax.Array:
+    """The logits that evaluation scores: one forward pass, `apply_fn(images)`."""
+    return apply_fn(images)
 
   def eval_sums(self, logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
     """Sums to add over the eval set; `finalize` turns them into metrics."""

@@ -119,9 +119,8 @@ def eval_step(state: TrainState, batch: dict, *, task, axis_name: str | None = N
   def forward(images):
     return state.apply_fn(variables, images, train=False)
 
-  # A task may score something other than one forward pass (segmentation's test-time average).
-  eval_logits = getattr(task, "eval_logits", None)
-  logits = eval_logits(forward, batch["image"]) if eval_logits else forward(batch["image"])
+  # The task decides what is scored: one forward pass, or e.g. a test-time average.
+  logits = task.eval_logits(forward, batch["image"])
   sums = task.eval_sums(logits, batch)
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)

@@ -29,8 +29,7 @@ def crop(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generato
 
 def flip(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
   """Horizontal and vertical flips, each with probability 1/2."""
-  if rng.random() < 0.5:
-    image, mask = image[:, ::-1], mask[:, ::-1]
+  image, mask = hflip(image, mask, rng)
   if rng.random() < 0.5:
     image, mask = image[::-1], mask[::-1]
   return image, mask

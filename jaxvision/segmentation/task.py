@@ -70,10 +70,7 @@ class SegmentationTask:
     terms = tuple(t.strip() for t in str(config.seg.loss).split("+") if t.strip())
     weights = config.seg.class_weights
     weights = tuple(float(w) for w in weights) if weights not in ("", None, ()) else None
-    tta = config.seg.get("tta", "")
-    if isinstance(tta, bool):  # True: the 8 flips/rotations
-      tta = "dihedral" if tta else ""
-    return cls(num_classes, terms, weights, str(tta))
+    return cls(num_classes, terms, weights, str(config.seg.get("tta", "")))
 
   # -- shared pieces --------------------------------------------------------------------------
   def _aligned(self, logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array | None]:
