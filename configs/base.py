@@ -18,7 +18,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = "lenet"  # registry name, see jaxvision.list_models()
   c.model_kwargs = ml_collections.ConfigDict()  # extra constructor kwargs, e.g. {'stem': 'small'}
   c.num_classes = 0  # 0: take it from the dataset
-  c.task = "auto"  # 'classification' | 'segmentation' | 'auto' (from the dataset)
+  c.task = "auto"  # 'classification' | 'segmentation' | 'multitask' | 'auto' (from the dataset)
   c.dtype = "float32"  # computation dtype ('float32' | 'bfloat16'); parameters stay float32
 
   # --- Data ----------------------------------------------------------------------------------
@@ -29,10 +29,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.image_size = 28  # model input height = width (sources resize or crop to it)
   c.batch_size = 128  # global batch, over all devices and processes
   c.eval_batch_size = 0  # 0: same as batch_size
+  # A description of the data, written by the trainer when it resolves the config (never set it
+  # by hand): every builder (model, task, tools) reads it from the run's config.json.
+  c.data_info = ml_collections.ConfigDict()
+  c.data_info.image_shape = (0, 0, 0)  # (H, W, C) of the training images, as the model sees them
+  c.data_info.train_examples = 0  # examples in train_split
+  c.data_info.eval_examples = 0  # examples in eval_split
+  c.data_info.steps_per_epoch = 0  # full global batches per epoch of train_split
+  c.data_info.class_names = ()  # class names when the source has them (folder names, TFDS)
   c.data = ml_collections.ConfigDict()
   c.data.normalize = "none"  # none | half | imagenet | mnist | cifar10, or '(m,m,m),(s,s,s)'
   c.data.prefetch = 2  # host batches prepared ahead in a background thread (and on device)
   c.data.skip_bad = False  # skip unreadable images (counted in the log) instead of stopping
+  # Draw each epoch's order so that every class is equally likely (with replacement;
+  # jaxvision.imbalance.balanced_epoch_order) instead of a uniform permutation.
+  c.data.balanced_sampling = False
   # Comma-separated augmentations, e.g. 'inception_crop,flip,randaug(2,9),erase(0.25)' or, for
   # segmentation, 'crop,flip,rot90,elastic,jitter' (all names: jaxvision/data/augment.py).
   c.data.augment = ""

@@ -60,12 +60,12 @@ def fresh_state(model_name="lenet", ema=True, rng=None, **model_kwargs):
 
 
 def test_finetune_with_frozen_backbone_and_a_new_head(pretrained, tmp_path, caplog):
-  source, _ = restore_params(f"{pretrained}/checkpoints")
+  source, _, _ = restore_params(f"{pretrained}/checkpoints")
   caplog.set_level(logging.WARNING, logger="train")
   config = small_config(init_from=pretrained, freeze="^(?!head/)", num_classes=12,
                         learning_rate=1e-2, eval_split="")
   loop.train_and_evaluate(config, str(tmp_path))
-  tuned, _ = restore_params(str(tmp_path / "checkpoints"))
+  tuned, _, _ = restore_params(str(tmp_path / "checkpoints"))
   before, after = flat(source), flat(tuned)
   assert after["head/kernel"].shape == (84, 12) and after["head/bias"].shape == (12,)
   for path, value in after.items():
@@ -81,7 +81,7 @@ def test_finetune_with_frozen_backbone_and_a_new_head(pretrained, tmp_path, capl
 
 
 def test_init_from_round_trips_through_workdir_npz_and_msgpack(pretrained, tmp_path):
-  params, _ = restore_params(f"{pretrained}/checkpoints")
+  params, _, _ = restore_params(f"{pretrained}/checkpoints")
   npz = transfer.export_npz(str(tmp_path / "w.npz"), params)
   packed = tmp_path / "w.msgpack"
   packed.write_bytes(serialization.msgpack_serialize({"params": jax.tree.map(np.asarray, params)}))
@@ -150,7 +150,7 @@ def test_normalization_mismatch_is_reported(pretrained, caplog):
 
 
 def test_init_skip_leaves_matching_layers_as_initialised(pretrained):
-  params, _ = restore_params(f"{pretrained}/checkpoints")
+  params, _, _ = restore_params(f"{pretrained}/checkpoints")
   fresh = fresh_state()
   config = small_config(init_skip="^(fc1|fc2|head)/")
   state = transfer.initialize_from(fresh, pretrained, config)

@@ -26,8 +26,13 @@ import os
 import sys
 import traceback
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
+
+from train.checkpoint import CheckpointError
+from train.loop import NonFiniteLossError, train_and_evaluate
+from train.model_kwargs import parse_model_kwargs
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/lenet_digits.py[:arg].", lock_config=True
@@ -113,8 +118,6 @@ def main(argv):
           file=sys.stderr)
     sys.exit(2)
   if _MODEL_KWARGS.value:
-    from train.model_kwargs import parse_model_kwargs
-
     try:
       extra = parse_model_kwargs(_MODEL_KWARGS.value)
     except ValueError as e:
@@ -124,8 +127,6 @@ def main(argv):
       config.model_kwargs.update(extra)
 
   # After the config: a bad one ends this process before it waits for the others.
-  import jax
-
   if _COORDINATOR.value or _NUM_PROCESSES.value:
     jax.distributed.initialize(
         coordinator_address=_COORDINATOR.value,
@@ -134,9 +135,6 @@ def main(argv):
     )
   elif _MULTIHOST.value:
     jax.distributed.initialize()
-
-  from train.checkpoint import CheckpointError
-  from train.loop import NonFiniteLossError, train_and_evaluate
 
   logging.getLogger("absl").setLevel(logging.WARNING)
   try:

@@ -26,103 +26,60 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from configs import base
+from jaxvision.models import model_info
+from train import bench_torch, parallel, step
+from train.bench_common import (
+  OPTIMIZERS,
+  Prepared,
+  device_label,
+  measure,
+  mfu,
+  peak_flops,
+  result_row,
+)
+from train.build import build_model, build_task
+from train.configuration import validate
 from train.model_kwargs import parse_model_kwargs
+from train.optim import create_optimizer
+from train.parallel import create_executor
+from train.state import create_train_state
 
-RESULT_KEYS = ("model", "framework", "mode", "batch_size", "dtype", "images_per_sec", "step_ms",
-               "mfu", "compile_s", "peak_mem_gb", "device")
-OPTIMIZERS = ("momentum", "sgd", "adam")
 # Model options under which XLA's FLOP count is not the model's (see _plain_model_flops).
 _FLOP_HIDING_KWARGS = ("scan", "remat")
-
-# Dense bf16 peak per device, in TFLOP/s, matched by substring of the lowercased device kind
-# (first match wins, so the more specific names come first). MFU is always taken against this
-# bf16 peak, float32 runs included, so MFU figures of both dtypes share one ceiling.
-PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    # H100 SXM: 989 on the spec sheet, but dense bf16 GEMMs measure ~800 (power/clock limited);
-    # issue 8 asks for MFU against that measured peak. The H200 is the same GH100 compute die.
-    ("h100 pcie", 756.0),  # spec sheet; no measured figure to hand
-    ("h100", 800.0),
-    ("h200", 800.0),
-    ("a100", 312.0),
-    ("tpu v4", 275.0),
-    ("tpu v5 lite", 197.0),  # v5e
-    ("tpu v5e", 197.0),
-    ("tpu v5", 459.0),  # v5p
-    ("tpu v6 lite", 918.0),  # v6e (Trillium)
-    ("tpu v6e", 918.0),
-    # CPUs: no entry. The peak depends on the SIMD units, cores and clocks of the host, which
-    # the device kind ('cpu') does not tell; MFU is then null.
-)
-
-
-def peak_flops(device_kind: str) -> float | None:
-  """Dense bf16 peak FLOP/s of one device of `device_kind`, or None when unknown (CPUs)."""
-  kind = device_kind.lower()
-  for key, tflops in PEAK_BF16_TFLOPS:
-    if key in kind:
-      return tflops * 1e12
-  return None
-
-
-def cpu_cores() -> int:
-  """CPU cores this process may use (the affinity mask, not the host's count)."""
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:  # macOS
-    return os.cpu_count() or 1
-
-
-def device_label(kind: str, count: int = 1) -> str:
-  """The JSON `device` field: the device kind, the count when > 1, the cores on a CPU."""
-  label = kind if count == 1 else f"{kind} x{count}"
-  if kind.lower() == "cpu":
-    cores = cpu_cores()
-    label += f" ({cores} core{'s' if cores > 1 else ''})"
-  return label
-
-
-def mfu(flops_per_step: float | None, step_s: float, peak: float | None) -> float | None:
-  """Model FLOPs utilisation, or None when either the FLOPs or the peak is unknown."""
-  if not flops_per_step or not peak or step_s <= 0:
-    return None
-  return flops_per_step / step_s / peak
-
-
-def result_row(**fields) -> dict:
-  """A measurement with exactly RESULT_KEYS, in that order; a missing or extra key is a bug."""
-  if set(fields) != set(RESULT_KEYS):
-    raise KeyError(f"result keys {sorted(fields)} differ from {RESULT_KEYS}")
-  return {k: fields[k] for k in RESULT_KEYS}
-
 
 # --- JAX side ------------------------------------------------------------------------------------
 
 
-def build_config(args) -> tuple:
-  """The trainer config of this benchmark (configs/base.py + flags), and the input shape."""
-  import ml_collections
+def build_config(args) -> ml_collections.FrozenConfigDict:
+  """The resolved trainer config of this benchmark (configs/base.py + flags), frozen.
 
-  from configs import base
-  from jaxvision.models import model_info
-
+  There is no dataset to resolve it from, so the benchmark writes the data description itself:
+  synthetic images of the model's registered input (or --image-size).
+  """
   info = model_info(args.model)
   height, width, channels = info.input_shape
   if args.image_size:
     height = width = args.image_size
-  kwargs = parse_model_kwargs(args.model_kwargs)
   config = base.get_config()
   config.model = args.model
+  config.model_kwargs = ml_collections.ConfigDict(parse_model_kwargs(args.model_kwargs))
   config.num_classes = args.num_classes or info.num_classes
   config.dtype = args.dtype
-  config.batch_size = args.batch_size
+  config.batch_size = config.eval_batch_size = args.batch_size
   config.image_size = height
   config.optimizer = args.optimizer
   config.learning_rate = args.learning_rate
@@ -130,25 +87,17 @@ def build_config(args) -> tuple:
   config.parallel = args.parallel
   config.eval_split = ""
   config.dataset = f"synthetic:{height}x{width}x{channels}:{config.num_classes}"  # for the record
-  from train.loop import build_model
-
-  config.model_kwargs = ml_collections.ConfigDict(kwargs)
-  model = build_model(config)
-  fields = getattr(type(model), "__dataclass_fields__", {})
-  if "image_size" in fields and "image_size" not in kwargs:
-    # Models with a fixed token grid (ViT) are built for the benchmark's input size.
-    config.model_kwargs = ml_collections.ConfigDict({**kwargs, "image_size": height})
-  config.task = _task_of(build_model(config), (1, height, width, channels))
-  from train.configuration import validate
-
+  config.data_info.image_shape = (height, width, channels)
   validate(config)
-  return config, (1, height, width, channels)
+  if "image_size" in {f.name for f in dataclasses.fields(build_model(config))}:
+    # Models with a fixed token grid (ViT) are built for the benchmark's input size.
+    config.model_kwargs.image_size = height
+  config.task = _task_of(build_model(config), (1, height, width, channels))
+  return ml_collections.FrozenConfigDict(config)
 
 
 def _task_of(model, input_shape: tuple[int, ...]) -> str:
   """'segmentation' when the model maps images to per-pixel logits, else 'classification'."""
-  import jax
-  import jax.numpy as jnp
 
   def forward():
     x = jnp.zeros(input_shape, jnp.float32)
@@ -163,20 +112,17 @@ def _task_of(model, input_shape: tuple[int, ...]) -> str:
   return "segmentation" if out.ndim == 4 else "classification"
 
 
-def synthetic_batch(config, input_shape: tuple[int, ...], put) -> dict:
-  """A random float32 image batch with int32 labels (label maps for segmentation), on the device.
-
-  `put` is the executor's `put_batch`, so the batch has the step's sharding; it is made once and
-  reused by every step.
-  """
-  import numpy as np
-
+def synthetic_batch(task, config, put) -> dict:
+  """A random training batch of the task's input spec (labels within the class count), placed
+  by the executor's `put_batch`; it is made once and reused by every step."""
   rng = np.random.default_rng(0)
-  shape = (config.batch_size, *input_shape[1:])
-  images = rng.standard_normal(shape, dtype=np.float32)
-  label_shape = shape[:3] if config.task == "segmentation" else shape[:1]
-  labels = rng.integers(0, config.num_classes, label_shape, dtype=np.int32)
-  return put({"image": images, "label": labels})
+  batch = {}
+  for key, spec in task.input_spec(config.batch_size).items():
+    if np.issubdtype(spec.dtype, np.integer):
+      batch[key] = rng.integers(0, config.num_classes, spec.shape, dtype=spec.dtype)
+    else:
+      batch[key] = rng.standard_normal(spec.shape, dtype=np.float32).astype(spec.dtype)
+  return put(batch)
 
 
 def flops_of(stage) -> float | None:
@@ -217,75 +163,24 @@ def peak_memory_gb(devices: Sequence) -> float | None:
   return max(peaks) / 1e9 if peaks else None
 
 
-def _train_function(executor):
-  """The executor's jitted (or pmapped) train step: the exact function `python -m train` calls."""
-  return executor.compiled_train_step
-
-
-@dataclasses.dataclass
-class Prepared:
-  """A compiled, warmed-up-able benchmark of one framework.
-
-  Attributes:
-    name: the framework, for the notes on stderr.
-    window: runs n steps and returns their wall time in seconds, blocking until they are done.
-    finish: the result row for a measured step time in seconds.
-  """
-
-  name: str
-  window: Callable[[int], float]
-  finish: Callable[[float], dict]
-
-
-def measure(prepared: Sequence[Prepared], *, steps: int, repeats: int, warmup: int) -> list[dict]:
-  """Warm-up, then `repeats` rounds in which every benchmark times one window of `steps` steps.
-
-  With two benchmarks the windows alternate (A, B, A, B, ...), so a load that comes and goes on
-  a shared host slows both alike and the ratio stays meaningful. Each reports its median window.
-  """
-  if warmup:
-    for p in prepared:
-      p.window(warmup)
-  times: list[list[float]] = [[] for _ in prepared]
-  cpu_times: list[list[float]] = [[] for _ in prepared]
-  for _ in range(repeats):
-    for p, t, c in zip(prepared, times, cpu_times, strict=True):
-      cpu_start = time.process_time()
-      t.append(p.window(steps) / steps)
-      c.append((time.process_time() - cpu_start) / steps)
-  for p, t, c in zip(prepared, times, cpu_times, strict=True):
-    # CPU time of the whole process (all threads): on a host shared with other jobs it is the
-    # steadier measure of the work a CPU step needs; wall time is what the JSON reports.
-    print(f"# {p.name}: step wall ms {[round(1000 * x, 1) for x in t]}, process CPU ms "
-          f"{[round(1000 * x, 1) for x in c]}", file=sys.stderr)
-  return [p.finish(statistics.median(t)) for p, t in zip(prepared, times, strict=True)]
-
-
 def prepare_jax(args: argparse.Namespace) -> Prepared:
   """Compiles the trainer's step (train) or the model's forward pass (infer) in JAX."""
-  import jax
-
   if args.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-  from jaxvision.tasks import get_task
-  from train.loop import build_model
-  from train.optim import create_optimizer
-  from train.parallel import create_executor
-
-  config, input_shape = build_config(args)
-  model = build_model(config)
-  task = get_task(config.task, num_classes=config.num_classes, config=config)
-  tx = create_optimizer(config, int(config.total_steps))
-  executor = create_executor(config, model, tx, task, input_shape)
+  config = build_config(args)
+  model, task = build_model(config), build_task(config)
+  tx = create_optimizer(config)
+  executor = create_executor(config, model, tx, task)
   state = executor.init_state(jax.random.key(config.seed))
-  batch = synthetic_batch(config, input_shape, executor.put_batch)
+  batch = synthetic_batch(task, config, executor.put_batch)
   rng = jax.random.key(1)
 
   if args.mode == "train":
-    step_fn = _train_function(executor)
+    # The executor's jitted (or pmapped) step: the exact function `python -m train` calls.
+    step_fn = executor.compiled_train_step
     if not args.donate:
       step_fn = _without_donation(executor, config, task)
     start = time.perf_counter()
@@ -321,7 +216,7 @@ def prepare_jax(args: argparse.Namespace) -> Prepared:
     # cannot see into), the count falls to 0 and the unoptimised module's count stands in.
     flops = flops_of(compiled) or flops_of(lowered)
     if _loops_or_recomputes(config):
-      plain = _plain_model_flops(config, input_shape, task, tx, args.mode)
+      plain = _plain_model_flops(config, task, tx, args.mode)
       flops = plain / executor.num_devices if plain else None
     devices = jax.devices()[: executor.num_devices]
     kind = devices[0].device_kind
@@ -342,38 +237,25 @@ def _loops_or_recomputes(config) -> bool:
   return any(bool(config.model_kwargs.get(k, False)) for k in _FLOP_HIDING_KWARGS)
 
 
-def _plain_model_flops(config, input_shape, task, tx, mode: str) -> float | None:
+def _plain_model_flops(config, task, tx, mode: str) -> float | None:
   """FLOPs of the same step for the network without scan / remat (abstract lowering, no compile).
 
   XLA's cost analysis counts a scanned loop body once, not once per layer, and counts
   rematerialised work twice; MFU is defined on the model's own FLOPs, so they come from the
   unrolled, non-recomputing network.
   """
-  import functools
-
-  import jax
-  import jax.numpy as jnp
-
-  from train import parallel, step
-  from train.loop import build_model
-  from train.state import create_train_state
-
-  plain = config.copy_and_resolve_references()
+  plain = ml_collections.ConfigDict(config.to_dict())
   for key in _FLOP_HIDING_KWARGS:
     if key in plain.model_kwargs:
       plain.model_kwargs[key] = False
   model = build_model(plain)
   state = jax.eval_shape(functools.partial(
-      create_train_state, model, tx, input_shape=input_shape, ema=bool(config.ema_decay)),
-      jax.random.key(0))
-  shape = (config.batch_size, *input_shape[1:])
-  image = jax.ShapeDtypeStruct(shape, jnp.float32)
+      create_train_state, model, tx, task, ema=bool(config.ema_decay)), jax.random.key(0))
+  batch = task.input_spec(config.batch_size)
   if mode == "infer":
     forward = jax.jit(lambda variables, images: model.apply(variables, images, train=False))
-    return flops_of(forward.lower(state.variables(state.params), image))
-  labels = shape[:3] if config.task == "segmentation" else shape[:1]
-  batch = {"image": image, "label": jax.ShapeDtypeStruct(labels, jnp.int32)}
-  train = jax.jit(functools.partial(step.train_step, **parallel.step_kwargs(config, task)))
+    return flops_of(forward.lower(state.variables(state.params), batch["image"]))
+  train = jax.jit(functools.partial(step.train_step, task=task, **parallel.step_kwargs(config)))
   return flops_of(train.lower(state, batch, jax.random.key(1)))
 
 
@@ -385,16 +267,10 @@ def run_jax(args: argparse.Namespace) -> dict:
 
 def _without_donation(executor, config, task):
   """The executor's train step jitted again with the same shardings but no donated state (A/B)."""
-  import functools
-
-  import jax
-
-  from train import parallel, step
-
   if config.parallel != "mesh":
     raise ValueError("--no-donate is implemented for --parallel mesh only")
   return jax.jit(
-      functools.partial(step.train_step, **parallel.step_kwargs(config, task)),
+      functools.partial(step.train_step, task=task, **parallel.step_kwargs(config)),
       in_shardings=(executor.state_sharding, executor.batch_sharding, executor.replicated),
       out_shardings=(executor.state_sharding, executor.replicated),
   )
@@ -410,8 +286,6 @@ def torch_command(args: argparse.Namespace) -> list[str]:
          "--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
          "--optimizer", args.optimizer, "--learning-rate", str(args.learning_rate),
          "--compile", args.torch_compile, "--channels-last", args.torch_channels_last]
-  from jaxvision.models import model_info
-
   info = model_info(args.model)
   cmd += ["--image-size", str(args.image_size or info.input_shape[0]),
           "--in-chans", str(info.input_shape[2]),
@@ -521,8 +395,6 @@ def _interleave(args: argparse.Namespace) -> bool:
     return False  # another interpreter: necessarily a subprocess
   if args.interleave != "auto":
     return args.interleave == "on"
-  import jax
-
   # On a CPU both fit in one process and share the host's noise; on an accelerator each gets
   # the device to itself, one after the other.
   return jax.default_backend() == "cpu"
@@ -540,8 +412,6 @@ def compare_torch(args: argparse.Namespace) -> tuple[dict, dict]:
     raise ValueError("--compare torch: PyTorch is not installed here (pip install torch)")
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   if _interleave(args):
-    from train import bench_torch
-
     torch_prepared = bench_torch.prepare(bench_torch.parse_args(torch_command(args)[3:]))
     jax_row, torch_row = measure([prepare_jax(args), torch_prepared], steps=args.steps,
                                  repeats=args.repeats, warmup=args.warmup)

@@ -18,16 +18,16 @@ import sys
 import time
 from collections.abc import Sequence
 
-from train.bench import (
+from train.bench_common import (
     OPTIMIZERS,
     Prepared,
     device_label,
     measure,
     mfu,
-    parse_model_kwargs,
     peak_flops,
     result_row,
 )
+from train.model_kwargs import parse_model_kwargs
 
 # Keyword arguments that change how JAX computes, not the network: the PyTorch side ignores them.
 JAX_ONLY_KWARGS = frozenset({"remat", "scan", "attention_impl", "param_dtype"})
@@ -385,6 +385,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   if args.batch_size < 1 or args.steps < 1 or args.repeats < 1 or args.warmup < 0:
     p.error("--batch-size, --steps and --repeats must be >= 1, --warmup >= 0")
   if not (args.image_size and args.in_chans and args.num_classes):
+    # Only here: the PyTorch side may run in an environment without JAX (--torch-python).
     from jaxvision.models import model_info
 
     try:

@@ -13,11 +13,13 @@ import json
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
 from jaxvision.models import create_model
 from jaxvision.tasks import Task, create_task
+from train.checkpoint import restore_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -38,18 +40,16 @@ def build_task(config) -> Task:
   return create_task(config)
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a run saved (WORKDIR/config.json), locked like the trainer's."""
+def load_config(workdir: str) -> ml_collections.FrozenConfigDict:
+  """The resolved config a run saved (WORKDIR/config.json), frozen like the trainer's."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: --workdir must be a trainer workdir")
   try:
     with open(path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+      return ml_collections.FrozenConfigDict(json.load(f))
   except (OSError, ValueError) as e:
     raise ValueError(f"{path} is not a readable config: {e}") from None
-  config.lock()
-  return config
 
 
 @dataclasses.dataclass
@@ -64,7 +64,7 @@ class Run:
     step: the checkpoint's step.
   """
 
-  config: ml_collections.ConfigDict
+  config: ml_collections.FrozenConfigDict
   model: Any
   task: Task
   variables: dict
@@ -73,8 +73,6 @@ class Run:
 
 def load_run(workdir: str, step: int | None = None) -> Run:
   """The run in `workdir` at checkpoint `step` (default: the latest)."""
-  from train.checkpoint import restore_params
-
   config = load_config(workdir)
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
@@ -84,3 +82,32 @@ def load_run(workdir: str, step: int | None = None) -> Run:
   if batch_stats:
     variables["batch_stats"] = batch_stats
   return Run(config, build_model(config), build_task(config), variables, step)
+
+
+def check_model(model, task, config) -> None:
+  """A one-line error when the model cannot take the task's inputs, or its outputs do not fit
+  the task.
+
+  Runs the model abstractly (jax.eval_shape: no compute), so a mismatch is reported before
+  anything is compiled or written, and names the model and the input instead of surfacing
+  as a broadcasting error deep inside the loss.
+  """
+  spec = task.input_spec(1)
+  where = (f"input {tuple(spec['image'].shape)} (dataset {config.dataset!r}, "
+           f"image_size={config.image_size})")
+
+  def init_outputs(batch):
+    args, kwargs = task.model_inputs(batch)
+    key = jax.random.key(0)
+    return model.init_with_output({"params": key, "dropout": key}, *args, train=False,
+                                  **kwargs)[0]
+
+  try:
+    outputs = jax.eval_shape(init_outputs, spec)
+  except (ValueError, TypeError, IndexError, AssertionError, ZeroDivisionError) as e:
+    reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    raise ValueError(f"model {config.model!r} cannot take {where}: {reason}") from None
+  try:
+    task.check_outputs(outputs)
+  except ValueError as e:
+    raise ValueError(f"model {config.model!r} with {where}: {e}") from None

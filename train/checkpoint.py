@@ -23,7 +23,9 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 log = logging.getLogger("train")
@@ -136,12 +138,13 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, model: str
   return None, 0, {}
 
 
-def restore_params(directory: str, step: int | None = None) -> tuple[dict, dict]:
-  """(params, batch_stats) of a checkpoint directory written by this trainer, for fine-tuning."""
+def restore_params(directory: str, step: int | None = None) -> tuple[dict, dict, int]:
+  """(params, batch_stats, step) of a checkpoint directory written by this trainer, on the host
+  (fine-tuning, viz, predict, export); `step` None: the latest."""
   manager = create_manager(directory, keep=1, read_only=True)
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise CheckpointError(f"init_from: no checkpoint found in {directory}")
+    raise CheckpointError(f"no checkpoint found in {directory}")
   # Onto one local device, whatever topology wrote it (a bare restore insists on the same one).
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
@@ -153,7 +156,7 @@ def restore_params(directory: str, step: int | None = None) -> tuple[dict, dict]
   except CheckpointCorrupted as e:
     raise CheckpointError(f"checkpoint {step_dir(manager, step)}: {e}") from None
   to_host = lambda tree: jax.tree.map(lambda x: jax.device_get(x), tree)
-  return to_host(state["params"]), to_host(state.get("batch_stats", {}) or {})
+  return to_host(state["params"]), to_host(state.get("batch_stats", {}) or {}), int(step)
 
 
 def _state_metadata(manager: ocp.CheckpointManager, step: int):
@@ -240,9 +243,6 @@ def _any_process(flag: bool) -> bool:
   """True on every process when it is true on any (all processes must skip the same steps)."""
   if jax.process_count() == 1:
     return flag
-  import numpy as np
-  from jax.experimental import multihost_utils
-
   return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
@@ -269,8 +269,6 @@ def _set_aside(manager: ocp.CheckpointManager, step: int, error: BaseException |
 
 def _barrier(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
     multihost_utils.sync_global_devices(name)
 
 

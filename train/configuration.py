@@ -6,6 +6,9 @@ import math
 import os
 import re
 
+from jaxvision.data import parse_uri
+from jaxvision.models import model_info
+from jaxvision.tasks import TASKS
 from train.optim import OPTIMIZERS, SCHEDULES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -13,9 +16,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def validate(config) -> None:
   """Raises ValueError naming the first key whose value cannot work."""
-  from jaxvision.data import parse_uri
-  from jaxvision.models import model_info
-
   model_info(config.model)
   parse_uri(config.dataset)
 
@@ -47,8 +47,8 @@ def validate(config) -> None:
   need(config.cutmix_alpha >= 0, "cutmix_alpha", "must be >= 0")
   need(config.dtype in DTYPES, "dtype", f"choose from {', '.join(DTYPES)}")
   need(config.parallel in ("mesh", "pmap"), "parallel", "choose 'mesh' or 'pmap'")
-  need(config.task in ("auto", "classification", "segmentation", "multitask"), "task",
-       "choose 'auto', 'classification', 'segmentation' or 'multitask'")
+  need(config.task == "auto" or config.task in TASKS, "task",
+       f"choose 'auto' (from the dataset) or one of {', '.join(TASKS)}")
   need(config.best_mode in ("max", "min"), "best_mode", "choose 'max' or 'min'")
   need(config.progress in ("auto", "bar", "lines", "none"), "progress",
        "choose 'auto', 'bar', 'lines' or 'none'")
@@ -63,37 +63,3 @@ def validate(config) -> None:
     except re.error as e:
       raise ValueError(
           f"config.freeze={config.freeze!r} is not a regular expression: {e}") from None
-
-
-def check_model_fits(model, config, input_shape: tuple[int, ...]) -> None:
-  """A one-line error when the model cannot take the data's images, or its output fits no task.
-
-  Runs the model abstractly (jax.eval_shape: no compute), so a mismatch is reported before
-  anything is compiled or written, and names the model and the input instead of surfacing
-  as a broadcasting error deep inside the loss.
-  """
-  import jax
-  import jax.numpy as jnp
-
-  where = (f"input of shape {tuple(input_shape)} (dataset {config.dataset!r}, "
-           f"image_size={config.image_size})")
-  key = jax.random.key(0)
-  x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
-  try:
-    out, _ = jax.eval_shape(
-        lambda x: model.init_with_output({"params": key, "dropout": key}, x, train=False), x)
-  except (ValueError, TypeError, IndexError, AssertionError) as e:
-    reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-    raise ValueError(f"model {config.model!r} cannot take {where}: {reason}") from None
-  logits = out[0] if isinstance(out, (tuple, list)) else out
-  shape, k = tuple(getattr(logits, "shape", ())), int(config.num_classes)
-  if config.task == "classification" and (len(shape) != 2 or shape[-1] != k):
-    raise ValueError(
-        f"model {config.model!r} outputs shape {shape} for {where}, but classification needs "
-        f"{k} class scores per image, (N, {k})"
-        + ("; this is a segmentation model" if len(shape) == 4 else ""))
-  if config.task == "segmentation" and (len(shape) != 4 or shape[-1] not in (k, 1)):
-    raise ValueError(
-        f"model {config.model!r} outputs shape {shape} for {where}, but segmentation needs "
-        f"per-pixel logits (N, H, W, {k})"
-        + ("; choose a segmentation model such as unet_tiny" if len(shape) == 2 else ""))

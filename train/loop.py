@@ -1,8 +1,13 @@
-"""`train_and_evaluate(config, workdir)`: the training loop, assembled from small pieces."""
+"""`train_and_evaluate(config, workdir)`: resolve -> freeze -> build -> run.
+
+The config is completed from the data once (train.resolve) and frozen; the model, the task,
+the optimizer and the executor are built from it (train.build); then the loop runs the task's
+steps and never looks inside a batch or a model output.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import logging
 import os
@@ -13,15 +18,15 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
-from jaxvision.data import create_input
-from jaxvision.models import create_model
-from jaxvision.tasks import get_task
 from train import checkpoint as ckpt
-from train.configuration import check_model_fits, validate
+from train.build import build_model, build_task, check_model
 from train.optim import create_optimizer, create_schedule
 from train.parallel import create_executor, prefetch_to_device
 from train.report import Reporter
+from train.resolve import resolve
+from train.transfer import initialize_from
 
 log = logging.getLogger("train")
 
@@ -57,57 +62,17 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def resolve(config, train_input):
-  """Fills the keys left to the data (num_classes, task) and returns the run's total steps."""
-  with config.unlocked():
-    if not config.num_classes:
-      config.num_classes = int(train_input.num_classes)
-    if config.task == "auto":
-      config.task = train_input.task
-    if config.num_epochs:
-      config.total_steps = int(round(config.num_epochs * train_input.steps_per_epoch))
-  return int(config.total_steps)
-
-
-def _peek_input_shape(train_input) -> tuple[int, ...]:
-  if hasattr(train_input, "image_shape"):
-    return (1, *train_input.image_shape)
-  batches = train_input.train_batches(0)
-  try:
-    image = next(iter(batches))["image"]
-  finally:
-    if hasattr(batches, "close"):
-      batches.close()
-  return (1, *image.shape[1:])
-
-
-def build_model(config, input_shape: tuple[int, ...] | None = None):
-  """The registry model for `config`, with a one-line error for a bad keyword.
-
-  Models whose parameters depend on the input size (ViT's position embedding) are built for
-  `input_shape` (N, H, W, C), the data's, unless `config.model_kwargs.image_size` says otherwise.
-  """
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[config.dtype]
-  kwargs = dict(config.model_kwargs.to_dict())
-  try:
-    model = create_model(config.model, num_classes=config.num_classes, dtype=dtype, **kwargs)
-  except TypeError as e:
-    raise ValueError(
-        f"config.model_kwargs={kwargs} do not fit model {config.model!r}: {e}") from None
-  sized = "image_size" in {f.name for f in dataclasses.fields(model)}
-  if input_shape is not None and sized and "image_size" not in kwargs:
-    height, width = (int(d) for d in input_shape[1:3])
-    model = model.clone(image_size=height if height == width else (height, width))
-  return model
-
-
 def evaluate(executor, state, eval_input, task, prefetch: int) -> dict[str, float]:
-  """Exact metrics over the whole eval split (sums over batches, then one division)."""
-  sums = None
+  """Exact metrics over the whole eval split: sums over batches then one division, and the
+  per-example outputs gathered in order for the metrics that are not sums."""
+  sums, examples = None, []
   for batch in prefetch_to_device(eval_input.eval_batches(), prefetch, executor.put_batch):
-    batch_sums = executor.eval_step(state, batch)
+    batch_sums, batch_examples = executor.eval_step(state, batch)
     sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
-  return task.finalize(jax.device_get(sums))
+    if batch_examples:
+      examples.append(jax.device_get(batch_examples))
+  gathered = jax.tree.map(lambda *parts: np.concatenate(parts), *examples) if examples else {}
+  return task.finalize(jax.device_get(sums), gathered)
 
 
 def _check_workdir(workdir: str) -> None:
@@ -122,30 +87,19 @@ def _check_workdir(workdir: str) -> None:
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final eval
   metrics."""
-  validate(config)
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
 
   # Everything that can reject the input runs before anything is written to the workdir.
-  train_input = create_input(
-      config, config.train_split, train=True, process_index=process_index,
-      process_count=process_count,
-  )
-  eval_input = None
-  if config.eval_split:
-    eval_input = create_input(
-        config, config.eval_split, train=False, process_index=process_index,
-        process_count=process_count,
-    )
-  total_steps = resolve(config, train_input)
-  if config.task == "segmentation" and config.seg.weight_map:
-    _add_weight_maps(train_input, config)
-  input_shape = _peek_input_shape(train_input)
-  model = build_model(config, input_shape)
-  task = get_task(config.task, num_classes=config.num_classes, config=config)
-  tx = create_optimizer(config, total_steps)
-  check_model_fits(model, config, input_shape)
-  executor = create_executor(config, model, tx, task, input_shape)
+  config, train_input, eval_input = resolve(
+      config, process_index=process_index, process_count=process_count)
+  model, task = build_model(config), build_task(config)
+  check_model(model, task, config)
+  train_input.prepare = functools.partial(task.prepare, train=True)
+  if eval_input is not None:
+    eval_input.prepare = functools.partial(task.prepare, train=False)
+  executor = create_executor(config, model, create_optimizer(config), task)
+  total_steps = int(config.total_steps)
 
   if is_main:
     _check_workdir(workdir)
@@ -163,8 +117,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if state is None:
     state = executor.init_state(jax.random.fold_in(base_key, 0x1217))
     if config.init_from:
-      from train.transfer import initialize_from
-
       state = executor.from_checkpoint(
           initialize_from(executor.to_checkpoint(state), config.init_from, config)
       )
@@ -176,14 +128,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                       start_step=start_step)
   if start_step:
     reporter.message(f"resumed from step {start_step} ({manager.directory})")
-  schedule = create_schedule(config, total_steps)
+  schedule = create_schedule(config)
   record = {"model": config.model, "dataset": config.dataset}
-  skipped = getattr(train_input, "skipped", None)
-  if skipped:
-    reporter.message(f"skipped {len(skipped)} unreadable training images (data.skip_bad)")
+  if train_input.skipped:
+    reporter.message(f"skipped {len(train_input.skipped)} unreadable training images "
+                     "(data.skip_bad)")
 
   def save(step: int, metrics=None, force=False):
-    _check_finite(executor, state, reporter)
+    _check_finite(executor, state)
     ckpt.save(manager, step, executor.to_checkpoint(state), {**record, "step": step}, metrics,
               force=force)
 
@@ -216,7 +168,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           row["images_per_sec"] = len(fetched) * config.batch_size / max(elapsed, 1e-9)
           row["data_wait_ms"] = 1000.0 * data_wait / len(fetched)
           reporter.write(step, "train", row)
-          _check_finite(executor, state, reporter)  # after the row, so the NaN is on record
+          _check_finite(executor, state)  # after the row, so the NaN is on record
           pending, window_start, data_wait = [], time.perf_counter(), 0.0
 
         evaluated = False
@@ -230,7 +182,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         stopping = bool(config.stop_at_step and step >= config.stop_at_step)
         # Across processes the flag is agreed at log steps only (it costs a collective).
         preempted = preemption.requested if process_count == 1 else (
-            (step % config.log_every == 0 or last) and _agree(preemption.requested, process_count))
+            (step % config.log_every == 0 or last) and _agree(preemption.requested))
         checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0
         if checkpoint_due or last or stopping or preempted:
           save(step, eval_metrics if evaluated else None, force=True)
@@ -248,48 +200,43 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if is_main and eval_metrics:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump({"step": step, **eval_metrics}, f, indent=2)
-    if (config.task == "segmentation" and step == total_steps and process_count == 1
-        and config.seg.overlays):
-      _save_overlays(model, task, executor.to_checkpoint(state), eval_input, workdir,
-                     max_images=int(config.seg.overlays))
+    if step == total_steps and process_count == 1 and task.num_pictures:
+      save_pictures(model, task, executor.to_checkpoint(state), eval_input,
+                    os.path.join(workdir, "overlays", "eval_"))
   return eval_metrics
 
 
-def _add_weight_maps(train_input, config) -> None:
-  """Adds the U-Net paper's border weight map to every training batch (host side)."""
-  from jaxvision.segmentation import add_weight_map
-
-  transform = train_input.transform
-  w0, sigma = float(config.seg.weight_map_w0), float(config.seg.weight_map_sigma)
-  train_input.transform = lambda batch, rng: add_weight_map(
-      transform(batch, rng), w0, sigma, num_classes=config.num_classes
-  )
-
-
-def _save_overlays(model, task, state, eval_input, workdir: str, max_images: int = 8) -> None:
-  """WORKDIR/overlays/eval_NNN.png: image | prediction | errors, for the first eval images."""
-  from jaxvision.segmentation import save_overlays
-
+def save_pictures(model, task, state, eval_input, path_prefix: str) -> list[str]:
+  """The task's pictures of its first `num_pictures` eval examples, predicted two at a time
+  (host memory stays small for large images)."""
   variables = jax.device_get(state.variables(state.eval_params))
-  predict = jax.jit(lambda x: task.eval_logits(
-      lambda images: model.apply(variables, images, train=False), x))
-  images, labels, predictions = [], [], []
+
+  def forward(*args, **kwargs):
+    return model.apply(variables, *args, train=False, **kwargs)
+
+  predict = jax.jit(lambda batch: task.predict(forward, batch))
+  parts, predictions, count = [], [], 0
   for batch in eval_input.eval_batches():
-    keep = batch["valid"]
-    for i in range(0, int(keep.sum()), 2):  # two at a time keeps host memory small
-      x = batch["image"][keep][i:i + 2]
-      predictions.append(np.asarray(predict(x)).argmax(-1))
-      images.append(x)
-      labels.append(batch["label"][keep][i:i + 2])
-    if sum(len(p) for p in predictions) >= max_images:
+    keep = np.asarray(batch["valid"], bool)
+    real = {k: np.asarray(v)[keep] for k, v in batch.items()}
+    for i in range(0, int(keep.sum()), 2):
+      chunk = {k: v[i:i + 2] for k, v in real.items()}
+      parts.append(chunk)
+      predictions.append(jax.device_get(predict(chunk)))
+      count += len(chunk["valid"])
+      if count >= task.num_pictures:
+        break
+    if count >= task.num_pictures:
       break
-  if predictions:
-    save_overlays(os.path.join(workdir, "overlays", "eval_"), np.concatenate(images)[:max_images],
-                  np.concatenate(labels)[:max_images], np.concatenate(predictions)[:max_images])
+  if not parts:
+    return []
+  concat = lambda *xs: np.concatenate(xs)[:task.num_pictures]
+  return task.save_pictures(path_prefix, jax.tree.map(concat, *parts),
+                            jax.tree.map(concat, *predictions))
 
 
-def _check_finite(executor, state, reporter) -> None:
-  bad = int(np.asarray(executor.host_scalar(state.nonfinite_step)).ravel()[0])
+def _check_finite(executor, state) -> None:
+  bad = int(executor.host_scalar(state.nonfinite_step))
   if bad >= 0:
     raise NonFiniteLossError(
         f"loss or gradients became NaN/Inf at step {bad + 1}; stopped, the last good "
@@ -297,11 +244,7 @@ def _check_finite(executor, state, reporter) -> None:
     )
 
 
-def _agree(flag: bool, process_count: int) -> bool:
+def _agree(flag: bool) -> bool:
   """True on every process when any process got the flag (SIGTERM reaches hosts at different
   times)."""
-  if process_count == 1:
-    return flag
-  from jax.experimental import multihost_utils
-
   return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-import jax
 import optax
+from flax import traverse_util
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lamb", "lars")
 SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "piecewise")
@@ -14,23 +14,11 @@ SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "piecewise")
 _NO_DECAY = re.compile(r"(^|/)(bias|scale|cls_token|pos_embed|posemb\w*|mask_token)$")
 
 
-def param_paths(params) -> list[str]:
-  """'/'-joined key paths of every leaf, in tree order."""
-  leaves = jax.tree_util.tree_leaves_with_path(params)
-  return ["/".join(_key_name(k) for k in path) for path, _ in leaves]
-
-
-def _key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def _map_paths(fn, params):
-  return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: fn("/".join(_key_name(k) for k in path), leaf), params
-  )
+  """`fn('/'-joined path, leaf)` over every leaf, in the tree's structure."""
+  flat = traverse_util.flatten_dict(params, keep_empty_nodes=True, sep="/")
+  return traverse_util.unflatten_dict(
+      {k: v if v is traverse_util.empty_node else fn(k, v) for k, v in flat.items()}, sep="/")
 
 
 def decay_mask(params):
@@ -44,8 +32,9 @@ def freeze_labels(params, pattern: str):
   return _map_paths(lambda path, _: "frozen" if regex.search(path) else "trained", params)
 
 
-def create_schedule(config, total_steps: int) -> optax.Schedule:
-  """The learning-rate schedule named by `config.schedule`."""
+def create_schedule(config) -> optax.Schedule:
+  """The learning-rate schedule named by `config.schedule`, over `config.total_steps`."""
+  total_steps = int(config.total_steps)
   lr, warmup = float(config.learning_rate), int(config.warmup_steps)
   end = float(config.end_learning_rate)
   name = config.schedule
@@ -71,9 +60,9 @@ def create_schedule(config, total_steps: int) -> optax.Schedule:
   raise ValueError(f"config.schedule={name!r} is unknown; choose from {', '.join(SCHEDULES)}")
 
 
-def create_optimizer(config, total_steps: int, params=None) -> optax.GradientTransformation:
+def create_optimizer(config) -> optax.GradientTransformation:
   """Clipping -> optimizer with masked weight decay -> freezing, as the config asks."""
-  schedule = create_schedule(config, total_steps)
+  schedule = create_schedule(config)
   name, wd = config.optimizer, float(config.weight_decay)
   mask = decay_mask
   if name in ("sgd", "momentum", "nesterov"):

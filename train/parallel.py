@@ -1,9 +1,12 @@
 """One step, two executions: `jax.jit` over a device mesh (default) or `jax.pmap`.
 
-Both executors expose the same methods, so the loop never branches on the mode:
-  init_state(rng) / train_step(state, batch) / eval_step(state, batch) / put_batch(batch)
+Both executors share everything but the transform of the step, so the loop never branches on
+the mode:
+  init_state(rng) / train_step(state, batch, rng) / eval_step(state, batch) / put_batch(batch)
   to_checkpoint(state) / from_checkpoint(state) / abstract_checkpoint (restore target)
-  compiled_train_step: the jitted (or pmapped) step itself, which `train.bench` times.
+  host_scalar(x): a scalar of the state on the host
+  compiled_train_step / compiled_eval_step: the jitted (or pmapped) steps themselves, which
+  `train.bench` times and the dry run compiles ahead of time.
 Checkpoints hold one global copy of the state, so a run saved under one topology (devices,
 processes, mesh or pmap) restores under another.
 """
@@ -35,9 +38,9 @@ def check_batch_divides(config, num_devices: int) -> None:
         f"batch_size={config.batch_size} does not divide over {num_devices} devices"
         + (f" x grad_accum_steps={accum}" if accum > 1 else "")
     )
-  eval_batch = config.eval_batch_size or config.batch_size
-  if eval_batch % num_devices:
-    raise ValueError(f"eval_batch_size={eval_batch} does not divide over {num_devices} devices")
+  if config.eval_batch_size % num_devices:
+    raise ValueError(
+        f"eval_batch_size={config.eval_batch_size} does not divide over {num_devices} devices")
 
 
 def select_devices(config, devices: list) -> list:
@@ -53,26 +56,55 @@ def select_devices(config, devices: list) -> list:
   return list(devices)[:n]
 
 
-def step_kwargs(config, task) -> dict:
-  """The keyword arguments that bind `step.train_step` to one config: what both executors jit."""
-  return dict(
-      task=task,
-      grad_accum_steps=int(config.grad_accum_steps),
-      ema_decay=float(config.ema_decay),
-      mixup_alpha=float(config.mixup_alpha),
-      cutmix_alpha=float(config.cutmix_alpha),
-  )
+def step_kwargs(config) -> dict:
+  """The keyword arguments (besides the task) that bind `step.train_step` to one config."""
+  return dict(grad_accum_steps=int(config.grad_accum_steps), ema_decay=float(config.ema_decay))
 
 
-class MeshExecutor:
+class _Executor:
+  """What both executions share; subclasses compile the steps and place the arrays."""
+
+  num_devices: int
+  abstract_checkpoint: object
+
+  def __init__(self, config, model, tx, task):
+    self._create = functools.partial(create_train_state, model, tx, task,
+                                     ema=bool(config.ema_decay))
+    self.abstract_state = jax.eval_shape(self._create, jax.random.key(0))
+    self._train = functools.partial(step_lib.train_step, task=task, **step_kwargs(config))
+    self._eval = functools.partial(step_lib.eval_step, task=task)
+
+  def _unreplicate(self, tree):
+    """One copy of a tree the execution replicates (identity where it keeps one)."""
+    return tree
+
+  def train_step(self, state, batch, rng):
+    """One optimizer step on a batch from `put_batch`; returns (state, metrics)."""
+    state, metrics = self.compiled_train_step(state, batch, rng)
+    return state, self._unreplicate(metrics)
+
+  def eval_step(self, state, batch):
+    """(summed eval metrics, per-example eval outputs) of one batch, over all devices."""
+    return self._unreplicate(self.compiled_eval_step(state, batch))
+
+  def to_checkpoint(self, state):
+    """The state as saved: one global copy."""
+    return self._unreplicate(state)
+
+  def host_scalar(self, x) -> float | int:
+    """A scalar of the state (e.g. `state.step`) as a Python number on the host."""
+    return np.asarray(jax.device_get(self._unreplicate(x))).item()
+
+
+class MeshExecutor(_Executor):
   """`jax.jit` with NamedSharding over a ('data', 'fsdp') mesh; the batch is split over both axes.
 
   Parameters and optimizer state are replicated, or with `mesh.fsdp > 1` sharded along their
   largest divisible dimension over the 'fsdp' axis.
   """
 
-  def __init__(self, config, model, tx, task, input_shape):
-    devices = select_devices(config, jax.devices())
+  def __init__(self, config, model, tx, task, devices: list):
+    super().__init__(config, model, tx, task)
     fsdp = int(config.mesh.fsdp)
     data = int(config.mesh.data) if config.mesh.data > 0 else len(devices) // max(fsdp, 1)
     if fsdp < 1 or data * fsdp != len(devices):
@@ -87,26 +119,24 @@ class MeshExecutor:
     )
     self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
     self.replicated = NamedSharding(self.mesh, P())
-    create = functools.partial(
-        create_train_state, model, tx, input_shape=input_shape, ema=bool(config.ema_decay)
-    )
-    abstract = jax.eval_shape(create, jax.random.key(0))
-    self.state_sharding = jax.tree.map(lambda leaf: self._leaf_sharding(leaf, fsdp), abstract)
+    self.state_sharding = jax.tree.map(lambda leaf: self._leaf_sharding(leaf, fsdp),
+                                       self.abstract_state)
     self.abstract_checkpoint = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract, self.state_sharding
+        self.abstract_state, self.state_sharding
     )
     # Initialise directly into the target sharding: no full copy on one device first.
-    self._init = jax.jit(create, out_shardings=self.state_sharding)
+    self._init = jax.jit(self._create, out_shardings=self.state_sharding)
     self.compiled_train_step = jax.jit(
-        functools.partial(step_lib.train_step, **step_kwargs(config, task)),
+        self._train,
         in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
         out_shardings=(self.state_sharding, self.replicated),
         donate_argnums=(0,),
     )
-    self._eval = jax.jit(
-        functools.partial(step_lib.eval_step, task=task),
-        in_shardings=(self.state_sharding, self.batch_sharding),
+    # Replicated outputs: the per-example eval outputs of the whole global batch reach every
+    # process (they are small: predictions, not activations).
+    self.compiled_eval_step = jax.jit(
+        self._eval, in_shardings=(self.state_sharding, self.batch_sharding),
         out_shardings=self.replicated,
     )
     self.num_devices = len(devices)
@@ -131,60 +161,46 @@ class MeshExecutor:
         k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()
     }
 
-  def train_step(self, state, batch, rng):
-    """One optimizer step on a batch from `put_batch`; returns (state, replicated metrics)."""
-    return self.compiled_train_step(state, batch, rng)
-
-  def eval_step(self, state, batch):
-    """Summed eval metrics of one batch (see `train.step.eval_step`)."""
-    return self._eval(state, batch)
-
-  def to_checkpoint(self, state):
-    """The state as saved: already one global copy under the mesh."""
-    return state
+  def batch_spec(self, spec: dict) -> dict:
+    """Abstract global batch (ShapeDtypeStructs with the batch sharding), for AOT compiles."""
+    return {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.batch_sharding)
+            for k, s in spec.items()}
 
   def from_checkpoint(self, state):
     """The state as restored (in `abstract_checkpoint`'s sharding): used as is."""
     return state
 
-  def host_scalar(self, x) -> np.ndarray:
-    """A (replicated) device value as a numpy array on the host."""
-    return np.asarray(jax.device_get(x))
 
-
-class PmapExecutor:
+class PmapExecutor(_Executor):
   """The same step under `jax.pmap` over this process's devices, with 'batch' collectives."""
 
   axis_name = "batch"
 
-  def __init__(self, config, model, tx, task, input_shape):
-    self.devices = select_devices(config, jax.local_devices())
+  def __init__(self, config, model, tx, task, devices: list):
+    super().__init__(config, model, tx, task)
+    self.devices = devices
     num_devices = len(self.devices) * jax.process_count()
     check_batch_divides(config, num_devices)
-    create = functools.partial(
-        create_train_state, model, tx, input_shape=input_shape, ema=bool(config.ema_decay)
-    )
-    abstract = jax.eval_shape(create, jax.random.key(0))
     device0 = jax.sharding.SingleDeviceSharding(self.devices[0])
     self.abstract_checkpoint = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device0), abstract
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device0), self.abstract_state
     )
-    self._init = jax.jit(create)
+    self._init = jax.jit(self._create)
+    chosen = self.devices if config.mesh.num_devices else None
     self.compiled_train_step = jax.pmap(
-        functools.partial(step_lib.train_step, axis_name=self.axis_name,
-                          **step_kwargs(config, task)),
-        axis_name=self.axis_name,
-        in_axes=(0, 0, None),
-        donate_argnums=(0,),
-        devices=self.devices if config.mesh.num_devices else None,
+        functools.partial(self._train, axis_name=self.axis_name), axis_name=self.axis_name,
+        in_axes=(0, 0, None), donate_argnums=(0,), devices=chosen,
     )
-    self._eval = jax.pmap(
-        functools.partial(step_lib.eval_step, task=task, axis_name=self.axis_name),
-        axis_name=self.axis_name,
-        devices=self.devices if config.mesh.num_devices else None,
+    self.compiled_eval_step = jax.pmap(
+        functools.partial(self._eval, axis_name=self.axis_name), axis_name=self.axis_name,
+        devices=chosen,
     )
     self._batch_sharding = NamedSharding(jax.sharding.Mesh(np.array(self.devices), ("d",)), P("d"))
     self.num_devices = num_devices
+
+  def _unreplicate(self, tree):
+    """The first device's copy: after the pmean'd update and the psum all copies are equal."""
+    return jax.tree.map(lambda x: x[0], tree)
 
   def init_state(self, rng):
     """A fresh TrainState, one copy per local device."""
@@ -198,19 +214,6 @@ class PmapExecutor:
         for k, v in batch.items()
     }
 
-  def train_step(self, state, batch, rng):
-    """One optimizer step on a batch from `put_batch`; returns (state, first device's metrics)."""
-    state, metrics = self.compiled_train_step(state, batch, rng)
-    return state, jax.tree.map(lambda x: x[0], metrics)
-
-  def eval_step(self, state, batch):
-    """Summed eval metrics of one batch, psum'd over devices (see `train.step.eval_step`)."""
-    return jax.tree.map(lambda x: x[0], self._eval(state, batch))
-
-  def to_checkpoint(self, state):
-    """The first device's copy: all copies are equal after the pmean'd update."""
-    return jax.tree.map(lambda x: x[0], state)
-
   def from_checkpoint(self, state):
     """One global copy (as restored) -> one copy per local device."""
     n = len(self.devices)
@@ -218,17 +221,15 @@ class PmapExecutor:
         lambda x: jax.device_put(jnp.broadcast_to(x, (n,) + x.shape), self._batch_sharding), state
     )
 
-  def host_scalar(self, x) -> np.ndarray:
-    """A device value (already unstacked by the step methods) as a numpy array on the host."""
-    return np.asarray(jax.device_get(x))
 
-
-def create_executor(config, model, tx, task, input_shape):
-  """The executor for `config.parallel`: 'mesh' or 'pmap'."""
+def create_executor(config, model, tx, task, devices: list | None = None):
+  """The executor for `config.parallel` ('mesh' or 'pmap') over `devices` (default: this
+  process's, or every process's for the mesh)."""
   if config.parallel == "mesh":
-    return MeshExecutor(config, model, tx, task, input_shape)
+    return MeshExecutor(config, model, tx, task, select_devices(config, devices or jax.devices()))
   if config.parallel == "pmap":
-    return PmapExecutor(config, model, tx, task, input_shape)
+    return PmapExecutor(config, model, tx, task,
+                        select_devices(config, devices or jax.local_devices()))
   raise ValueError(f"config.parallel={config.parallel!r} is unknown; choose 'mesh' or 'pmap'")
 
 

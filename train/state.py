@@ -56,10 +56,16 @@ class TrainState:
     return variables
 
 
-def create_train_state(model, tx, rng: jax.Array, input_shape, *, ema: bool) -> TrainState:
-  """Initialises the model on a dummy batch of `input_shape` and the optimizer on its params."""
-  dummy = jnp.zeros(input_shape, jnp.float32)
-  variables = model.init({"params": rng, "dropout": rng}, dummy, train=False)
+def init_variables(model, task, rng: jax.Array) -> dict:
+  """The model's variables, initialised on a zero batch of the task's input spec."""
+  batch = {k: jnp.zeros(s.shape, s.dtype) for k, s in task.input_spec(1).items()}
+  args, kwargs = task.model_inputs(batch)
+  return model.init({"params": rng, "dropout": rng}, *args, train=False, **kwargs)
+
+
+def create_train_state(model, tx, task, rng: jax.Array, *, ema: bool) -> TrainState:
+  """Initialises the model for `task`'s inputs and the optimizer on its params."""
+  variables = init_variables(model, task, rng)
   params = variables["params"]
   return TrainState(
       step=jnp.zeros((), jnp.int32),

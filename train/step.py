@@ -1,9 +1,11 @@
 """Pure train and eval steps: state in, state out; jit- and pmap-able.
 
-The same functions run under both executions (train.parallel): under `jax.jit` over a mesh the
-arrays are global, so means and BatchNorm statistics already span every device; under
-`jax.pmap` each device sees its shard, and `axis_name` turns on the collectives (pmean of
-gradients, BatchNorm statistics and metrics; psum of eval sums).
+The steps name no task: the task says what the model receives, what the loss is and what
+evaluation scores (jaxvision.tasks.base). The same functions run under both executions
+(train.parallel): under `jax.jit` over a mesh the arrays are global, so means and BatchNorm
+statistics already span every device; under `jax.pmap` each device sees its shard, and
+`axis_name` turns on the collectives (pmean of gradients, BatchNorm statistics and metrics;
+psum of eval sums, all_gather of per-example eval outputs).
 """
 
 from __future__ import annotations
@@ -27,8 +29,6 @@ def train_step(
     task,
     grad_accum_steps: int = 1,
     ema_decay: float = 0.0,
-    mixup_alpha: float = 0.0,
-    cutmix_alpha: float = 0.0,
     axis_name: str | None = None,
 ) -> tuple[TrainState, dict]:
   """One optimizer step on `batch`; returns the new state and scalar metrics.
@@ -36,24 +36,18 @@ def train_step(
   `rng` is the run's base key; this step's key is `fold_in(rng, step)`.
   """
   rng = jax.random.fold_in(rng, state.step)
-  mix_rng, dropout_rng = jax.random.split(rng)
-  if mixup_alpha or cutmix_alpha:
-    from jaxvision.data.mix import mix_batch
-
-    targets = task.targets(batch)
-    images, soft = mix_batch(
-        mix_rng, batch["image"], targets, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha
-    )
-    batch = {**batch, "image": images, "soft_label": soft}
+  augment_rng, dropout_rng = jax.random.split(rng)
+  batch = task.augment(batch, augment_rng)
 
   def loss_fn(params, batch_stats, micro, micro_rng):
     variables = {"params": params}
     if batch_stats:
       variables["batch_stats"] = batch_stats
-    logits, mutated = state.apply_fn(
-        variables, micro["image"], train=True, rngs={"dropout": micro_rng}, mutable=["batch_stats"]
-    )
-    loss, metrics = task.loss(logits, micro)
+    args, kwargs = task.model_inputs(micro)
+    outputs, mutated = state.apply_fn(
+        variables, *args, train=True, rngs={"dropout": micro_rng}, mutable=["batch_stats"],
+        **kwargs)
+    loss, metrics = task.loss(outputs, micro)
     return loss, (metrics, mutated.get("batch_stats", batch_stats))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -112,16 +106,22 @@ def train_step(
   return new_state, {"loss": loss, "grad_norm": grad_norm, **metrics}
 
 
-def eval_step(state: TrainState, batch: dict, *, task, axis_name: str | None = None) -> dict:
-  """Sums of the eval metrics over the valid examples of `batch`."""
+def eval_step(state: TrainState, batch: dict, *, task,
+              axis_name: str | None = None) -> tuple[dict, dict]:
+  """(sums of the eval metrics over the valid examples of `batch`, per-example eval outputs).
+
+  Under pmap the sums are psum'd and the per-example outputs gathered over `axis_name`, so
+  every device holds the results of the whole global batch.
+  """
   variables = state.variables(state.eval_params)
 
-  def forward(images):
-    return state.apply_fn(variables, images, train=False)
+  def forward(*args, **kwargs):
+    return state.apply_fn(variables, *args, train=False, **kwargs)
 
-  # The task decides what is scored: one forward pass, or e.g. a test-time average.
-  logits = task.eval_logits(forward, batch["image"])
-  sums = task.eval_sums(logits, batch)
+  predictions = task.predict(forward, batch)
+  sums = task.eval_sums(predictions, batch)
+  examples = task.eval_examples(predictions, batch)
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)
-  return sums
+    examples = jax.lax.all_gather(examples, axis_name, tiled=True)
+  return sums, examples

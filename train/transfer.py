@@ -41,6 +41,12 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import serialization, traverse_util
+
+from jaxvision.layers.embed import resample_posemb
+from jaxvision.models.vit import stack_blocks, unstack_blocks
+from train.build import build_model
+from train.checkpoint import restore_params
 
 log = logging.getLogger("train")
 
@@ -65,28 +71,14 @@ def pretrained_normalization(source: str) -> str:
 # --- Reading weights ------------------------------------------------------------------------------
 
 
-def flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
+def flatten(tree) -> dict[str, np.ndarray]:
   """{'conv1/kernel': array, ...} from a nested dict of arrays."""
-  flat = {}
-  for key, value in dict(tree).items():
-    path = f"{prefix}/{key}" if prefix else str(key)
-    if hasattr(value, "items"):
-      flat.update(flatten(value, path))
-    else:
-      flat[path] = value
-  return flat
+  return traverse_util.flatten_dict(dict(tree), sep="/")
 
 
 def unflatten(flat: dict) -> dict:
   """The nested dict of '/'-joined paths."""
-  tree: dict = {}
-  for path, value in flat.items():
-    *parents, leaf = path.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def export_npz(path: str, params, batch_stats=None) -> str:
@@ -127,10 +119,8 @@ def load_weights(init_from: str) -> tuple[dict, dict, dict | None]:
   if not os.path.exists(init_from):
     raise FileNotFoundError(f"init_from {init_from}: no such file or directory")
   if os.path.isdir(init_from):
-    from train.checkpoint import restore_params
-
     directory, config_path = checkpoint_dir(init_from)
-    params, stats = restore_params(directory)
+    params, stats, _ = restore_params(directory)
     source_config = None
     if config_path:
       with open(config_path) as f:
@@ -145,8 +135,6 @@ def load_weights(init_from: str) -> tuple[dict, dict, dict | None]:
     params, stats = _split_collections(flat)
     return params, stats, None
   if init_from.endswith(".msgpack"):
-    from flax import serialization
-
     with open(init_from, "rb") as f:
       try:
         tree = serialization.msgpack_restore(f.read())
@@ -164,8 +152,6 @@ def load_weights(init_from: str) -> tuple[dict, dict, dict | None]:
 
 def _match_block_layout(loaded: dict, fresh: dict) -> dict:
   """ViT blocks: converts the loaded params between loop (`blocks_i`) and scan (`blocks`)."""
-  from jaxvision.models.vit import stack_blocks, unstack_blocks
-
   fresh_scan = any(k.startswith("blocks/") for k in fresh)
   loaded_scan = any(k.startswith("blocks/") for k in loaded)
   loaded_loop = any(re.match(r"^blocks_\d+/", k) for k in loaded)
@@ -177,8 +163,6 @@ def _match_block_layout(loaded: dict, fresh: dict) -> dict:
 
 
 def _resample_posemb(value, num_prefix_tokens: int, grid):
-  from jaxvision.layers.embed import resample_posemb
-
   return np.asarray(resample_posemb(jnp.asarray(value), grid, num_prefix_tokens=num_prefix_tokens))
 
 
@@ -207,8 +191,12 @@ def merge(fresh: dict, loaded: dict, *, num_prefix_tokens: int = 1, grid=None,
       report["loaded"].append(path)
     elif (path.split("/")[-1] == "pos_embed" and new.ndim == 3 and len(value.shape) == 3
           and new.shape[2] == value.shape[2] and grid is not None):
-      merged[path] = _resample_posemb(new, num_prefix_tokens, grid)
-      report["resampled"].append(f"{path} {new.shape} -> {tuple(value.shape)}")
+      resampled = _resample_posemb(new, num_prefix_tokens, grid)
+      if resampled.shape != tuple(value.shape):
+        raise ValueError(f"{path}: resampling {new.shape} to the {grid} patch grid gives "
+                         f"{resampled.shape}, but the model has {tuple(value.shape)}")
+      merged[path] = resampled
+      report["resampled"].append(f"{path} {new.shape} -> {resampled.shape}")
     else:
       merged[path] = value
       report["kept"][path] = f"shape {new.shape} there, {tuple(value.shape)} here"
@@ -223,21 +211,12 @@ def _place(value, like):
 
 
 def _vit_geometry(config, fresh: dict) -> tuple[int, tuple[int, int] | None]:
-  """(prefix tokens, patch grid) of this run's ViT; (1, None) for other models."""
-  prefix = 1 if "cls_token" in fresh else 0
-  try:
-    from train.loop import build_model
-
-    model = build_model(config)
-    grid = getattr(model, "grid", None)
-    prefix = getattr(model, "num_prefix_tokens", prefix)
-  except Exception:  # noqa: BLE001 - geometry is a nicety; fall back to a square grid
-    grid = None
-  if grid is None and "pos_embed" in fresh:
-    n = fresh["pos_embed"].shape[1] - prefix
-    side = int(round(n ** 0.5))
-    grid = (side, side) if side * side == n else None
-  return prefix, grid
+  """(prefix tokens, patch grid) of this run's model as its resolved config builds it; (0 or 1,
+  None) for models without a patch grid."""
+  model = build_model(config)
+  prefix = int(getattr(model, "num_prefix_tokens", 1 if "cls_token" in fresh else 0))
+  grid = getattr(model, "grid", None)
+  return prefix, (tuple(grid) if grid is not None else None)
 
 
 def _rebuild(fresh_tree, merged_flat: dict):

@@ -25,41 +25,21 @@ import logging
 import os
 import sys
 
+import jax
 import numpy as np
+
+from jaxvision.data import create_input
+from jaxvision.interpret import attention
+from jaxvision.interpret.confusion import confusion_matrix, per_class_metrics
+from jaxvision.interpret.gradcam import gradcam
+from jaxvision.interpret.posemb import model_posemb, posemb_similarity
+from train.build import load_run
 
 KINDS = ("gradcam", "attention", "rollout", "posemb", "confusion", "curves", "segmentation")
 
 
-def load_config(workdir: str):
-  """The run's resolved config (WORKDIR/config.json) as a ConfigDict."""
-  import ml_collections
-
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: --workdir must be a trainer workdir")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def load_model(workdir: str, config, step: int | None = None):
-  """(model, variables) of the run at `step` (default: the latest checkpoint)."""
-  from train.checkpoint import restore_params
-  from train.loop import build_model
-
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{directory} not found: the run has no checkpoint yet")
-  params, batch_stats = restore_params(directory, step)
-  variables = {"params": params}
-  if batch_stats:
-    variables["batch_stats"] = batch_stats
-  return build_model(config), variables
-
-
 def eval_examples(config, split: str, num: int | None) -> dict[str, np.ndarray]:
   """The first `num` examples (all when None) of `split`, transformed as the run evaluates them."""
-  from jaxvision.data import create_input
-
   data = create_input(config, split, train=False)
   parts, total = [], 0
   for batch in data.eval_batches():
@@ -75,8 +55,6 @@ def eval_examples(config, split: str, num: int | None) -> dict[str, np.ndarray]:
 
 
 def _predict(model, variables, images: np.ndarray, batch_size: int) -> np.ndarray:
-  import jax
-
   apply = jax.jit(lambda x: model.apply(variables, x, train=False))
   outputs = []
   for i in range(0, len(images), batch_size):
@@ -100,11 +78,9 @@ def run(kind: str, args) -> list[str]:
     fig = plots.curves_figure(rows, metrics=metrics, dpi=args.dpi, title=args.workdir)
     return [plots.save_figure(fig, os.path.join(out, "curves.png"))]
 
-  config = load_config(args.workdir)
-  model, variables = load_model(args.workdir, config, args.step)
+  run_ = load_run(args.workdir, args.step)
+  config, model, variables = run_.config, run_.model, run_.variables
   if kind == "posemb":
-    from jaxvision.interpret.posemb import model_posemb, posemb_similarity
-
     rows, cols = model.grid if hasattr(model, "grid") else (None, None)
     if rows is None:
       raise ValueError(f"posemb needs a ViT; the run's model is {config.model!r}")
@@ -119,12 +95,10 @@ def run(kind: str, args) -> list[str]:
   split = args.split or config.eval_split or config.train_split
   num = None if kind == "confusion" else args.num
   data = eval_examples(config, split, num)
-  batch = int(config.get("eval_batch_size") or config.batch_size)
+  batch = int(config.eval_batch_size)
   images = data["image"]
 
   if kind == "confusion":
-    from jaxvision.interpret.confusion import confusion_matrix, per_class_metrics
-
     logits = _predict(model, variables, images, batch)
     confusion = confusion_matrix(data["label"], logits.argmax(-1), logits.shape[-1])
     stats = per_class_metrics(confusion)
@@ -136,8 +110,6 @@ def run(kind: str, args) -> list[str]:
     return [plots.save_figure(fig, os.path.join(out, "confusion.png"))]
 
   if kind == "gradcam":
-    from jaxvision.interpret.gradcam import gradcam
-
     result = gradcam(model, variables, images, layer=args.layer or None,
                      class_index=args.class_index)
     predicted = np.asarray(result.class_index)
@@ -147,8 +119,6 @@ def run(kind: str, args) -> list[str]:
     return [plots.save_figure(fig, os.path.join(out, "gradcam.png"))]
 
   if kind in ("attention", "rollout"):
-    from jaxvision.interpret import attention
-
     weights = attention.attention_weights(model, variables, images)
     size = images.shape[1:3]
     prefix = model.num_prefix_tokens

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import importlib
 
+from configs import base
 from jaxvision.data.pipeline import ArrayInput
-from jaxvision.data.source import ArraySource, check_label_range, select_split
+from jaxvision.data.source import ArraySource, check_num_classes, select_split
 from jaxvision.data.splits import split_indices
 from jaxvision.data.transforms import Normalize, build_transform
 
-# scheme -> module with load(arg, split, image_size) returning {split name: ArraySource}
-# (or, for streaming sources, create_input(...) returning an object with ArrayInput's methods).
+# scheme -> module with load(arg, split, image_size=None, data_config=None) returning
+# {split name: source}.
 SCHEMES = {
     "digits": "jaxvision.data.digits",
     "synthetic": "jaxvision.data.synthetic",
@@ -24,6 +25,11 @@ SCHEMES = {
     "folder": "jaxvision.data.folder",
     "segfolder": "jaxvision.data.segfolder",
 }
+
+
+# Schemes whose module also has create_input(arg, config, split, ...): sources that build their
+# own pipeline (an object with ArrayInput's methods), e.g. to stream data too large for memory.
+STREAMING = {"tfds": "jaxvision.data.tfds_stream"}
 
 
 def parse_uri(uri: str) -> tuple[str, str]:
@@ -43,44 +49,34 @@ def source_module(uri: str):
 def load_source(
     uri: str, split: str, *, image_size: int | None = None, data_config=None
 ) -> ArraySource:
-  """The examples of `split` of dataset `uri` (in host memory, or image files decoded on demand)."""
+  """The examples of `split` of dataset `uri` (in host memory, or image files decoded on demand).
+
+  `data_config` is a run config's `data` section (default: configs/base.py's).
+  """
   module, arg = source_module(uri)
-  kwargs = {"image_size": image_size}
-  if data_config is not None and getattr(module, "TAKES_DATA_CONFIG", False):
-    kwargs["data_config"] = data_config
-  splits = module.load(arg, split, **kwargs)
+  data_config = base.get_config().data if data_config is None else data_config
+  splits = module.load(arg, split, image_size=image_size, data_config=data_config)
   return select_split(splits, split)
-
-
-def check_num_classes(source, num_classes: int, uri: str) -> None:
-  """With an explicit config.num_classes, every label must be below it (one line naming it)."""
-  if not num_classes or num_classes >= source.num_classes:
-    return
-  labels = source.labels
-  names = getattr(source, "names", None)
-  try:
-    check_label_range(labels, num_classes, names, where=f" of {uri}")
-  except ValueError as e:
-    raise ValueError(f"{e} (config.num_classes={num_classes})") from None
 
 
 def create_input(
     config, split: str, *, train: bool, process_index: int = 0, process_count: int = 1
 ):
   """The input of one split for this process, built from the run's config."""
-  module, arg = source_module(config.dataset)
-  if hasattr(module, "create_input"):  # streaming sources build their own pipeline
-    return module.create_input(
+  scheme, arg = parse_uri(config.dataset)
+  if scheme in STREAMING:
+    return importlib.import_module(STREAMING[scheme]).create_input(
         arg, config, split, train=train, process_index=process_index, process_count=process_count
     )
   source = load_source(config.dataset, split, image_size=config.image_size, data_config=config.data)
-  check_num_classes(source, int(config.get("num_classes", 0) or 0), config.dataset)
+  check_num_classes(source, int(config.num_classes), config.dataset)
   return ArrayInput.from_config(
       config, source, train=train, process_index=process_index, process_count=process_count
   )
 
 
 __all__ = [
-    "SCHEMES", "ArrayInput", "ArraySource", "Normalize", "build_transform", "check_num_classes",
-    "create_input", "load_source", "parse_uri", "select_split", "split_indices",
+    "SCHEMES", "STREAMING", "ArrayInput", "ArraySource", "Normalize", "build_transform",
+    "check_num_classes", "create_input", "load_source", "parse_uri", "select_split",
+    "split_indices",
 ]

@@ -21,8 +21,14 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from jaxvision.data.decode import EncodedImage
-from jaxvision.data.transforms import build_transform
+from jaxvision.data.decode import EncodedImage, decode, decode_crop_resize
+from jaxvision.data.transforms import (
+  Normalize,
+  _flip,
+  build_transform,
+  inception_box,
+  normalization,
+)
 
 
 def synthetic_jpegs(n: int = 64, width: int = 500, height: int = 375, seed: int = 0) -> list[bytes]:
@@ -73,9 +79,6 @@ def measure(jpegs: list[bytes], *, size: int, batch: int, workers: int, seconds:
 
 def stage_costs(jpegs: list[bytes], *, size: int, batch: int, repeats: int = 3) -> dict:
   """CPU milliseconds per image of each stage, on one thread."""
-  from jaxvision.data.decode import decode, decode_crop_resize
-  from jaxvision.data.transforms import Normalize, _flip, inception_box, normalization
-
   rng = np.random.default_rng(0)
   items = [EncodedImage(data=b) for b in jpegs]
   crops = np.stack([decode_crop_resize(items[i % len(items)], lambda w, h: (0, 0, w, h), size)

@@ -9,21 +9,21 @@ slice is then a random held-out set, as with ``train_test_split(shuffle=True)``.
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
 
 from jaxvision.data.source import ArraySource
 
 
-def load(arg: str, split: str, image_size: int | None = None) -> dict[str, ArraySource]:
+def load(arg: str, split: str, image_size: int | None = None,
+         data_config=None) -> dict[str, ArraySource]:
   """All digits as one ``train`` split: uint8 [N, S, S, 1] images (S = image_size or 8)."""
+  del data_config
   if arg:
     raise ValueError(f"dataset 'digits' takes no argument, got 'digits:{arg}'")
-  from sklearn.datasets import load_digits
-
   bunch = load_digits()
   images = bunch.images.astype(np.float32) / 16.0  # pixel values are 0..16
   if image_size and image_size != images.shape[1]:
-    from PIL import Image
-
     images = np.stack([
         np.asarray(Image.fromarray(im, mode="F").resize((image_size, image_size), Image.BILINEAR))
         for im in images
@@ -32,5 +32,6 @@ def load(arg: str, split: str, image_size: int | None = None) -> dict[str, Array
   labels = bunch.target.astype(np.int32)
   order = np.random.default_rng(0).permutation(len(labels))
   return {
-      "train": ArraySource(images[order], labels[order], num_classes=10, ids=order.astype(np.int64))
+      "train": ArraySource(images[order], labels[order], num_classes=10, ids=order.astype(np.int64),
+                            class_names=tuple(str(d) for d in range(10)))
   }

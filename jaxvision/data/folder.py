@@ -26,9 +26,7 @@ from jaxvision.data.decode import (
   probe,
 )
 from jaxvision.data.files import FileSource, decode_all
-from jaxvision.data.transforms import setting
 
-TAKES_DATA_CONFIG = True
 log = logging.getLogger(__name__)
 
 
@@ -92,9 +90,9 @@ def load(
 ) -> dict[str, FileSource]:
   """Every split of the folder as a FileSource (decoded into memory when it fits cache_mb)."""
   del split, image_size  # the dispatcher slices; the transform crops and resizes
-  skip_bad = bool(setting(data_config, "skip_bad", False))
-  cache_mb = float(setting(data_config, "cache_mb", 4096))
-  workers = default_workers(int(setting(data_config, "workers", 0)))
+  skip_bad = bool(data_config.skip_bad)
+  cache_mb = float(data_config.cache_mb)
+  workers = default_workers(int(data_config.workers))
   classes, listed = list_files(arg)
 
   all_paths = [p for paths, _ in listed.values() for p in paths]

@@ -76,9 +76,10 @@ def find_files(directory: str) -> dict[str, dict[str, str]]:
   return found
 
 
-def load(arg: str, split: str, image_size: int | None = None) -> dict[str, ArraySource]:
+def load(arg: str, split: str, image_size: int | None = None,
+         data_config=None) -> dict[str, ArraySource]:
   """Every split present in the directory, as uint8 [N, H, W, C] images and int32 labels."""
-  del split, image_size  # the dispatcher slices; the transform resizes
+  del split, image_size, data_config  # the dispatcher slices; the transform resizes
   arrays = {}
   for name, paths in find_files(arg).items():
     images, labels = read_idx(paths["images"]), read_idx(paths["labels"])

@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxvision.data.source import ArraySource
 from jaxvision.data.transforms import Transform, build_transform
+from jaxvision.imbalance import balanced_epoch_order
 
 
 class ArrayInput:
@@ -24,7 +25,11 @@ class ArrayInput:
   Attributes:
     source: the split's examples.
     global_batch_size: examples per step over all processes.
+    image_size: side of the square images the transform delivers.
     process_index / process_count: this process's rank, and how many read in parallel.
+    balanced: draw each epoch's order class-balanced (with replacement) instead of uniformly.
+    prepare: host-side additions applied after the transform (`Task.prepare`), in the
+      prefetch thread; the trainer sets it once the task is built.
   """
 
   def __init__(
@@ -33,10 +38,12 @@ class ArrayInput:
       *,
       global_batch_size: int,
       transform: Transform,
+      image_size: int,
       seed: int = 0,
       process_index: int = 0,
       process_count: int = 1,
       prefetch: int = 2,
+      balanced: bool = False,
   ):
     if global_batch_size % process_count:
       raise ValueError(
@@ -46,10 +53,13 @@ class ArrayInput:
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // process_count
     self.transform = transform
+    self.image_size = int(image_size)
     self.seed = seed
     self.process_index = process_index
     self.process_count = process_count
     self.prefetch = prefetch
+    self.balanced = balanced
+    self.prepare = lambda batch: batch
 
   @classmethod
   def from_config(cls, config, source, *, train: bool, process_index: int = 0,
@@ -57,16 +67,16 @@ class ArrayInput:
     """The input of `source` with the run config's batch size, transform, seed and prefetch."""
     return cls(
         source,
-        global_batch_size=(
-            config.batch_size if train else config.eval_batch_size or config.batch_size
-        ),
+        global_batch_size=config.batch_size if train else config.eval_batch_size,
         transform=build_transform(
             config.data, train=train, task=source.task, image_size=config.image_size
         ),
+        image_size=config.image_size,
         seed=config.seed,
         process_index=process_index,
         process_count=process_count,
         prefetch=config.data.prefetch,
+        balanced=train and bool(config.data.balanced_sampling),
     )
 
   @property
@@ -81,8 +91,18 @@ class ArrayInput:
 
   @property
   def task(self) -> str:
-    """'classification' or 'segmentation', from the source."""
+    """The source's task ('classification', 'segmentation', ...)."""
     return self.source.task
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of the training images the transform delivers."""
+    return (self.image_size, self.image_size, int(self.source.channels))
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    """The source's class names ((): unknown)."""
+    return tuple(self.source.class_names)
 
   @property
   def skipped(self) -> list[str]:
@@ -96,7 +116,10 @@ class ArrayInput:
 
   def _epoch_order(self, epoch: int) -> np.ndarray:
     n = len(self.source)
-    order = np.random.default_rng([self.seed, epoch]).permutation(n)
+    if self.balanced:
+      order = balanced_epoch_order(self.source.labels, self.source.num_classes, self.seed, epoch)
+    else:
+      order = np.random.default_rng([self.seed, epoch]).permutation(n)
     if n < self.global_batch_size:  # tiny datasets: repeat to fill one batch
       order = np.resize(order, self.global_batch_size)
     return order
@@ -111,7 +134,7 @@ class ArrayInput:
   def _train_batch(self, step: int) -> dict[str, np.ndarray]:
     batch = self.source.get_batch(self.train_indices(step))
     rng = np.random.default_rng([self.seed, step, self.process_index, 1])
-    return self.transform(batch, rng)
+    return self.prepare(self.transform(batch, rng))
 
   def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Endless training batches from `start_step` on, prepared in a background thread."""
@@ -136,7 +159,7 @@ class ArrayInput:
       rows = np.arange(lo, lo + self.local_batch_size)
       valid = rows < n
       batch = self.source.get_batch(np.where(valid, rows, 0))
-      batch = self.transform(batch, rng)
+      batch = self.prepare(self.transform(batch, rng))
       batch["valid"] = valid
       yield batch
 

@@ -27,9 +27,7 @@ from jaxvision.data.decode import (
   probe,
 )
 from jaxvision.data.source import ArraySource
-from jaxvision.data.transforms import setting
 
-TAKES_DATA_CONFIG = True
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_DIRS = ("label", "mask", "labels", "masks")
 IMAGE_DIRS = ("image", "images")
@@ -112,8 +110,8 @@ def load(
 ) -> dict[str, ArraySource]:
   """Every split as uint8 [N, H, W, C] images and int32 [N, H, W] class maps."""
   del split, image_size  # the dispatcher slices; the transform crops
-  skip_bad = bool(setting(data_config, "skip_bad", False))
-  workers = default_workers(int(setting(data_config, "workers", 0)))
+  skip_bad = bool(data_config.skip_bad)
+  workers = default_workers(int(data_config.workers))
   pairs = {name: pair_files(*dirs) for name, dirs in split_dirs(arg).items()}
   every = [p for ps in pairs.values() for p in ps]
   headers = parallel_map(lambda p: _try(probe, p[0], skip_bad), every, workers)

@@ -1,7 +1,8 @@
 """In-memory examples: the common currency of every local source, and split selection over sources.
 
-A source is anything with `len()`, `get_batch(indices)`, `num_classes`, `task`, `ids`, `skipped`
-and the two methods `select_split` needs: `take(indices, id_offset)` and `concat(parts)`.
+A source is anything with `len()`, `get_batch(indices)`, `num_classes`, `task`, `channels`,
+`class_names`, `ids`, `skipped` and the two methods `select_split` needs:
+`take(indices, id_offset)` and `concat(parts)`.
 `ArraySource` holds stacked arrays; `jaxvision.data.files.FileSource` holds image files that are
 decoded on demand.
 """
@@ -27,6 +28,7 @@ class ArraySource:
     ids: [N] int64 stable example ids (used to prove no example is repeated or skipped).
     names: optional [N] file names of the examples, used to name the culprit in error messages.
     skipped: files left out because they could not be read (data.skip_bad).
+    class_names: the class of each label id, when the source knows them.
   """
 
   images: np.ndarray
@@ -36,6 +38,7 @@ class ArraySource:
   ids: np.ndarray | None = None
   names: np.ndarray | None = None
   skipped: list[str] = dataclasses.field(default_factory=list)
+  class_names: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.ids is None:
@@ -49,6 +52,11 @@ class ArraySource:
   def __len__(self) -> int:
     return len(self.images)
 
+  @property
+  def channels(self) -> int:
+    """Channels of the images."""
+    return int(self.images.shape[-1])
+
   def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     """The examples at `indices`, as a dict of stacked arrays."""
     return {"image": self.images[indices], "label": self.labels[indices], "id": self.ids[indices]}
@@ -59,6 +67,7 @@ class ArraySource:
         self.images[indices], self.labels[indices], self.num_classes, self.task,
         ids=self.ids[indices] + id_offset,
         names=None if self.names is None else self.names[indices], skipped=list(self.skipped),
+        class_names=self.class_names,
     )
 
   @staticmethod
@@ -77,6 +86,7 @@ class ArraySource:
         ids=np.concatenate([p.ids for p in parts]),
         names=names,
         skipped=union_skipped(parts),
+        class_names=parts[0].class_names,
     )
 
 
@@ -101,6 +111,17 @@ def check_label_range(labels: np.ndarray, num_classes: int, names=None, where: s
   value = int(values[(values < 0) | (values >= num_classes)][0])
   culprit = f" in {names[row]}" if names is not None else f" (example {row}{where})"
   raise ValueError(f"label {value} out of range for {num_classes} classes{culprit}")
+
+
+def check_num_classes(source, num_classes: int, uri: str) -> None:
+  """With an explicit config.num_classes, every label must be below it (one line naming it)."""
+  if not num_classes or num_classes >= source.num_classes:
+    return
+  labels, names = source.labels, source.names
+  try:
+    check_label_range(labels, num_classes, names, where=f" of {uri}")
+  except ValueError as e:
+    raise ValueError(f"{e} (config.num_classes={num_classes})") from None
 
 
 def select_split(splits: dict, split: str):

@@ -15,12 +15,8 @@ import re
 
 import numpy as np
 
-from jaxvision.data.pipeline import ArrayInput
 from jaxvision.data.source import ArraySource, select_split
 from jaxvision.data.splits import split_indices
-from jaxvision.data.transforms import setting
-
-TAKES_DATA_CONFIG = True
 
 
 class MissingDependencyError(ImportError, ValueError):
@@ -49,7 +45,7 @@ def get_builder(name: str, data_config=None):
   if not name:
     raise ValueError("dataset 'tfds:' needs a dataset name, e.g. tfds:mnist")
   _, tfds = import_tf()
-  data_dir = setting(data_config, "tfds_dir", "") or None
+  data_dir = data_config.tfds_dir or None
   try:
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
@@ -120,6 +116,12 @@ def num_classes_of(builder) -> int:
   return int(getattr(feature, "num_classes", 0) or 0)
 
 
+def class_names_of(builder) -> tuple[str, ...]:
+  """The label feature's class names ((): a label without names)."""
+  feature = builder.info.features[feature_keys(builder)[1]]
+  return tuple(getattr(feature, "names", None) or ())
+
+
 def _named_sources(builder, split: str) -> dict[str, ArraySource]:
   known = split_sizes(builder)
   if known:  # a bad or empty selection fails before anything is read
@@ -129,7 +131,8 @@ def _named_sources(builder, split: str) -> dict[str, ArraySource]:
   for name in [n for n in known if n in wanted] if known else wanted:
     images, labels = read_arrays(builder, name)
     num_classes = num_classes_of(builder) or int(labels.max()) + 1
-    sources[name] = ArraySource(images, labels, num_classes=num_classes)
+    sources[name] = ArraySource(images, labels, num_classes=num_classes,
+                                class_names=class_names_of(builder))
   return sources
 
 
@@ -141,7 +144,7 @@ def load(
   return _named_sources(get_builder(arg, data_config), split)
 
 
-def _materialise(builder, split: str) -> ArraySource:
+def materialise(builder, split: str) -> ArraySource:
   """The selection only (not the whole named splits), with the ids select_split would give."""
   sizes = split_sizes(builder)
   if not sizes:  # sizes unknown (mocked info): read the named splits and slice here
@@ -155,13 +158,14 @@ def _materialise(builder, split: str) -> ArraySource:
     start, end = int(indices[0]), int(indices[-1]) + 1
     images, labels = read_arrays(builder, f"{name}[{start}:{end}]")
     parts.append(ArraySource(images, labels, num_classes=num_classes or int(labels.max()) + 1,
-                             ids=np.arange(start, end, dtype=np.int64) + offsets[name]))
+                             ids=np.arange(start, end, dtype=np.int64) + offsets[name],
+                             class_names=class_names_of(builder)))
   return ArraySource.concat(parts)
 
 
 def use_stream(builder, split: str, data_config, image_size: int) -> bool:
   """Whether `split` is streamed (True) or read into memory (False), per data.stream."""
-  mode = setting(data_config, "stream", "auto")
+  mode = data_config.stream
   if mode not in ("auto", "always", "never"):
     raise ValueError(f"data.stream={mode!r}: choose 'auto', 'always' or 'never'")
   shape = builder.info.features[feature_keys(builder)[0]].shape
@@ -181,21 +185,4 @@ def use_stream(builder, split: str, data_config, image_size: int) -> bool:
   if not sizes:
     return False
   count = sum(len(i) for _, i in split_indices(split, sizes))
-  return count * math.prod(shape) > float(setting(data_config, "cache_mb", 4096)) * 2**20
-
-
-def create_input(arg: str, config, split: str, *, train: bool, process_index: int = 0,
-                 process_count: int = 1):
-  """An ArrayInput over the selection read into memory, or a TfdsStream (see the module doc)."""
-  builder = get_builder(arg, config.data)
-  if use_stream(builder, split, config.data, config.image_size):
-    from jaxvision.data.tfds_stream import TfdsStream
-
-    return TfdsStream(builder, split, config, train=train, process_index=process_index,
-                      process_count=process_count)
-  source = _materialise(builder, split)
-  from jaxvision.data import check_num_classes
-
-  check_num_classes(source, int(config.get("num_classes", 0) or 0), config.dataset)
-  return ArrayInput.from_config(config, source, train=train, process_index=process_index,
-                                process_count=process_count)
+  return count * math.prod(shape) > float(data_config.cache_mb) * 2**20

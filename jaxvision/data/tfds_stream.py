@@ -16,9 +16,11 @@ import math
 import numpy as np
 
 from jaxvision.data import tfds as tfds_source
-from jaxvision.data.pipeline import prefetch_in_thread
+from jaxvision.data.augment import parse_augment
+from jaxvision.data.pipeline import ArrayInput, prefetch_in_thread
+from jaxvision.data.source import check_num_classes
 from jaxvision.data.splits import split_indices
-from jaxvision.data.transforms import build_transform, setting
+from jaxvision.data.transforms import build_transform
 
 
 def _seed(*values: int) -> int:
@@ -32,8 +34,9 @@ class TfdsStream:
   Attributes:
     global_batch_size / local_batch_size: examples per step over all processes / this one.
     num_examples: size of the whole selection (all processes).
-    num_classes / task / image_shape: what the trainer needs to build the model.
+    num_classes / task / image_shape / class_names: what the trainer needs to build the model.
     skipped: always empty (data.skip_bad does not apply to TFDS records).
+    prepare: host-side additions after the transform (`Task.prepare`), set by the trainer.
   """
 
   def __init__(self, builder, split: str, config, *, train: bool, process_index: int = 0,
@@ -45,7 +48,7 @@ class TfdsStream:
     sizes = sizes or self._count(builder, tfds_source.named_splits(split))
     self.ranges = [(n, int(i[0]), int(i[-1]) + 1) for n, i in split_indices(split, sizes) if len(i)]
     self.num_examples = sum(end - start for _, start, end in self.ranges)
-    batch = config.batch_size if train else config.eval_batch_size or config.batch_size
+    batch = config.batch_size if train else config.eval_batch_size
     if batch % process_count:
       raise ValueError(f"batch_size={batch} does not divide over {process_count} processes")
     self.global_batch_size, self.local_batch_size = batch, batch // process_count
@@ -57,25 +60,25 @@ class TfdsStream:
     self.num_classes = tfds_source.num_classes_of(builder)
     if not self.num_classes:
       raise ValueError(f"tfds:{builder.name}: label feature {self.label_key!r} has no class count")
-    if config.get("num_classes", 0) and config.num_classes < self.num_classes:
+    if config.num_classes and config.num_classes < self.num_classes:
       raise ValueError(
           f"config.num_classes={config.num_classes} but tfds:{builder.name} has "
           f"{self.num_classes} classes"
       )
     self.task = "classification"
+    self.class_names = tfds_source.class_names_of(builder)
     self.skipped: list[str] = []
+    self.prepare = lambda batch: batch
     shape = builder.info.features[self.image_key].shape
     self.channels = int(shape[-1] or 3)
     self.image_size = int(config.image_size)
     self.image_shape = (self.image_size, self.image_size, self.channels)
-    from jaxvision.data.augment import parse_augment
-
-    ops = parse_augment(setting(config.data, "augment", ""), "classification") if train else {}
+    ops = parse_augment(config.data.augment, "classification") if train else {}
     self.min_area = ops["inception_crop"][0] if "inception_crop" in ops else None
-    self.eval_crop = float(setting(config.data, "eval_crop", 0.875))
-    self.shuffle_buffer = int(setting(config.data, "shuffle_buffer", 16384))
-    self.cache_bytes = float(setting(config.data, "cache_mb", 4096)) * 2**20
-    self.workers = int(setting(config.data, "workers", 0))
+    self.eval_crop = float(config.data.eval_crop)
+    self.shuffle_buffer = int(config.data.shuffle_buffer)
+    self.cache_bytes = float(config.data.cache_mb) * 2**20
+    self.workers = int(config.data.workers)
     self.host_transform = build_transform(config.data, train=train, task="classification",
                                           image_size=self.image_size, geometry=False)
     self._records = None
@@ -226,7 +229,7 @@ class TfdsStream:
       while True:
         for batch in self._train_epoch(epoch, within * self.local_batch_size).as_numpy_iterator():
           rng = np.random.default_rng([self.seed, step, self.process_index, 1])
-          yield self.host_transform(dict(batch), rng)
+          yield self.prepare(self.host_transform(dict(batch), rng))
           step += 1
         epoch, within = epoch + 1, 0
 
@@ -256,6 +259,20 @@ class TfdsStream:
         "label": np.concatenate([batch["label"], np.zeros((pad,), np.int32)]),
         "id": np.concatenate([batch["id"].astype(np.int64), np.full((pad,), -1, np.int64)]),
     }
-    batch = self.host_transform(batch, rng)
+    batch = self.prepare(self.host_transform(batch, rng))
     batch["valid"] = np.arange(b) < n
     return batch
+
+
+def create_input(arg: str, config, split: str, *, train: bool, process_index: int = 0,
+                 process_count: int = 1):
+  """An ArrayInput over the selection read into memory, or a TfdsStream (see the module doc of
+  jaxvision.data.tfds for the choice)."""
+  builder = tfds_source.get_builder(arg, config.data)
+  if tfds_source.use_stream(builder, split, config.data, config.image_size):
+    return TfdsStream(builder, split, config, train=train, process_index=process_index,
+                      process_count=process_count)
+  source = tfds_source.materialise(builder, split)
+  check_num_classes(source, int(config.num_classes), config.dataset)
+  return ArrayInput.from_config(config, source, train=train, process_index=process_index,
+                                process_count=process_count)

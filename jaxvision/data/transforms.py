@@ -122,14 +122,6 @@ def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
   )
 
 
-def setting(data_config, key: str, default):
-  """`data_config[key]`, or `default` for configs written before the key existed."""
-  try:
-    return data_config[key]
-  except (KeyError, AttributeError, TypeError):  # TypeError: no data config at all (None)
-    return default
-
-
 # --- Crop boxes (left, top, right, bottom) -----------------------------------------------------
 
 
@@ -213,11 +205,11 @@ def classification_transform(
     data_config, *, train: bool, image_size: int | None, geometry: bool = True,
 ) -> Transform:
   """The classification transform: crop/resize, pad-crop, flip, RandAugment, normalize, erase."""
-  ops = parse_augment(setting(data_config, "augment", ""), "classification") if train else {}
-  workers = default_workers(int(setting(data_config, "workers", 0)))
+  ops = parse_augment(data_config.augment, "classification") if train else {}
+  workers = default_workers(int(data_config.workers))
   norm = Normalize(*normalization(data_config.normalize), workers=workers)
-  skip_bad = bool(setting(data_config, "skip_bad", False))
-  eval_crop = float(setting(data_config, "eval_crop", 0.875))
+  skip_bad = bool(data_config.skip_bad)
+  eval_crop = float(data_config.eval_crop)
   if not 0 < eval_crop <= 1:
     raise ValueError(f"data.eval_crop={eval_crop}: must be in (0, 1]")
   min_area = ops["inception_crop"][0] if "inception_crop" in ops else None
@@ -284,9 +276,9 @@ def segmentation_transform(data_config, *, train: bool, image_size: int | None) 
   Training batches are image_size crops (random with 'crop', else centered); evaluation sees
   the full images, so held-out metrics cover every pixel.
   """
-  ops = parse_augment(setting(data_config, "augment", ""), "segmentation") if train else {}
+  ops = parse_augment(data_config.augment, "segmentation") if train else {}
   norm = Normalize(*normalization(data_config.normalize))
-  workers = default_workers(int(setting(data_config, "workers", 0)))
+  workers = default_workers(int(data_config.workers))
 
   def one(image, mask, rng):
     image = to_float(image)

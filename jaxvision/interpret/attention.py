@@ -19,13 +19,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxvision.models.vit import VisionTransformer, attention_maps
+
 HEAD_FUSIONS = ("mean", "max", "min")
 
 
 def attention_weights(model, variables: dict, images: jax.Array) -> list[jax.Array]:
   """Per-block attention weights (B, heads, N, N) of a ViT, in depth order, as float32."""
-  from jaxvision.models.vit import VisionTransformer, attention_maps
-
   if not isinstance(model, VisionTransformer):
     raise ValueError(f"attention maps need a VisionTransformer, got {type(model).__name__}")
   explicit = model.clone(attention_impl="explicit")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxvision.layers.embed import fixed_posemb
+from jaxvision.models.vit import VisionTransformer
+
 
 def model_posemb(model, params: dict) -> np.ndarray:
   """A ViT's patch position embeddings (rows * cols, D), learned or fixed, prefix tokens dropped."""
-  from jaxvision.layers.embed import fixed_posemb
-  from jaxvision.models.vit import VisionTransformer
-
   if not isinstance(model, VisionTransformer):
     raise ValueError(f"position embeddings need a VisionTransformer, got {type(model).__name__}")
   if model.posemb == "learn":

@@ -1,11 +1,7 @@
-"""Semantic segmentation: the task the trainer uses, losses, exact confusion-matrix metrics,
-the U-Net weight map, overlap-tile inference, test-time averaging over flips and rotations,
-prediction overlays, and a check that labels line up with their images.
-
-    task = SegmentationTask.from_config(num_classes, config)
-    loss, batch_metrics = task.loss(logits, batch)          # logits [B, h, w, K], label [B, H, W]
-    sums = task.eval_sums(logits, batch)                    # summed over batches/devices/processes
-    metrics = task.finalize(sums)                           # pixel_error, miou, dice, iou_k, ...
+"""Semantic segmentation: losses, exact confusion-matrix metrics, the U-Net weight map,
+overlap-tile inference, test-time averaging over flips and rotations, prediction overlays, and a
+check that labels line up with their images. The trainer's task is
+`jaxvision.tasks.segmentation.SegmentationTask`.
 """
 
 from jaxvision.segmentation.alignment import label_shift_profile
@@ -19,14 +15,13 @@ from jaxvision.segmentation.losses import (
 )
 from jaxvision.segmentation.metrics import confusion_matrix, confusion_metrics, label_mask, predict
 from jaxvision.segmentation.overlay import predict_and_save_overlays, save_overlays
-from jaxvision.segmentation.task import SegmentationTask, center_crop
 from jaxvision.segmentation.tiling import mirror_pad, predict_tiled
 from jaxvision.segmentation.tta import TTA_VERSIONS, dihedral_logits, tta_logits
 from jaxvision.segmentation.weight_map import add_weight_map, unet_weight_map
 
 __all__ = [
-    "SegmentationTask", "TTA_VERSIONS", "add_weight_map", "binary_cross_entropy", "center_crop",
-    "class_probabilities", "confusion_matrix", "confusion_metrics", "dice_sums", "dihedral_logits",
+    "TTA_VERSIONS", "add_weight_map", "binary_cross_entropy", "class_probabilities",
+    "confusion_matrix", "confusion_metrics", "dice_sums", "dihedral_logits",
     "label_mask", "label_shift_profile", "mirror_pad", "pixel_cross_entropy", "pixel_weights",
     "predict", "predict_and_save_overlays", "predict_tiled", "save_overlays", "soft_dice_loss",
     "tta_logits", "unet_weight_map",

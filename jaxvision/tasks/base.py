@@ -12,7 +12,9 @@ The trainer never looks inside a batch or a model output. Its steps call only th
                  examples = task.eval_examples(predictions, batch)  # gathered to the host
     host         metrics = task.finalize(sums, examples)
 
-and, before the first step, `input_spec` (the batch contract, for init and abstract compiles),
+Before anything is built, the class's `resolve(config, train_input)` writes what the task derives
+from the data into the run config (e.g. a vocabulary size); then, before the first step,
+`input_spec` (the batch contract, for init and abstract compiles),
 `check_outputs` (one-line error when the model's outputs cannot serve the task) and
 `metric_names` (what `finalize` returns, so `best_metric` is checked up front). Host batches
 pass through `prepare` after the data transform; at the end of a run `save_pictures` draws a
@@ -37,6 +39,14 @@ Batch = dict[str, Any]
 class Task(Protocol):
   """What the trainer needs from a task (see the module docstring for the call order)."""
 
+  @classmethod
+  def resolve(cls, config, train_input) -> None:
+    """Writes the values the task derives from the data into the (unlocked) run config."""
+
+  @classmethod
+  def from_config(cls, config) -> Task:
+    """The task as the resolved run config describes it."""
+
   @property
   def metric_names(self) -> tuple[str, ...]:
     """Names of the eval metrics `finalize` returns."""
@@ -54,8 +64,10 @@ class Task(Protocol):
     """Scalar training loss and batch-mean metrics from the training forward pass."""
 
   def predict(self, forward: Callable[..., Any], batch: Batch) -> Any:
-    """What evaluation scores. `forward(*args, method=None, **kwargs)` runs the model in eval
-    mode; a task may call it more than once (test-time averaging, decoding)."""
+    """What evaluation scores. `forward(*args, **kwargs)` is
+    `model.apply(variables, *args, train=False, **kwargs)`: `method=` and `mutable=` pass
+    through (a method called this way takes the `train` keyword too). A task may call it more
+    than once (test-time averaging, decoding with a cache)."""
 
   def eval_sums(self, predictions: Any, batch: Batch) -> dict[str, jax.Array]:
     """Sums over the batch's valid examples; the trainer adds them over batches, devices and
@@ -77,7 +89,8 @@ class Task(Protocol):
     fit the task."""
 
   def prepare(self, batch: Batch, *, train: bool) -> Batch:
-    """Host-side additions to a transformed numpy batch (e.g. the U-Net weight map)."""
+    """Host-side additions to a transformed numpy batch (e.g. the U-Net weight map); runs in
+    the input pipeline's background thread."""
 
   @property
   def num_pictures(self) -> int:
@@ -91,6 +104,10 @@ class Task(Protocol):
 class TaskBase:
   """The defaults most tasks share: no on-device augmentation, no host additions, no
   per-example eval outputs and no pictures. Tasks override what they need."""
+
+  @classmethod
+  def resolve(cls, config, train_input) -> None:
+    del config, train_input
 
   def augment(self, batch: Batch, rng: jax.Array) -> Batch:
     del rng

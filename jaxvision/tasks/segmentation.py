@@ -1,7 +1,9 @@
-"""The segmentation task: how per-pixel logits meet a batch of label maps.
+"""Semantic segmentation: image -> one of `num_classes` labels per pixel.
 
 `loss` is the training objective; `eval_sums` returns counts and sums that the trainer adds over
-batches, devices and processes; `finalize` turns the totals into exact metrics.
+batches, devices and processes; `finalize` turns the totals into exact metrics; `prepare` adds
+the U-Net paper's border weight map to training batches on the host; `save_pictures` writes
+the overlays of a few eval predictions.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import numpy as np
 
 from jaxvision.segmentation import losses
 from jaxvision.segmentation.metrics import confusion_matrix, confusion_metrics, label_mask, predict
+from jaxvision.segmentation.overlay import save_overlays
 from jaxvision.segmentation.tta import TTA_VERSIONS, tta_logits
+from jaxvision.segmentation.weight_map import add_weight_map
+from jaxvision.tasks.base import TaskBase, image_spec
 
 LOSS_TERMS = ("cross_entropy", "bce", "dice")
 
@@ -29,21 +34,28 @@ def center_crop(x: jax.Array, height: int, width: int) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class SegmentationTask:
+class SegmentationTask(TaskBase):
   """Image -> one of `num_classes` labels per pixel.
 
   Attributes:
     num_classes: number of classes K (a one-channel model output is a sigmoid logit, K = 2).
+    image_shape: (H, W, C) of the training crops.
     loss_terms: summed loss terms, from 'cross_entropy', 'bce' and 'dice'.
     class_weights: per-class weights of the cross-entropy terms, or None.
     test_time_augment: '' (off), or evaluate the average over flipped/rotated versions:
       'dihedral' (the 8 flips/rotations) or 'hflip' (`tta.tta_logits`).
+    weight_map: (w0, sigma) of the U-Net paper's border weight map added to training batches,
+      or None.
+    overlays: eval examples drawn as overlay PNGs at the end of a run.
   """
 
   num_classes: int
+  image_shape: tuple[int, int, int] = (64, 64, 1)
   loss_terms: tuple[str, ...] = ("cross_entropy",)
   class_weights: tuple[float, ...] | None = None
   test_time_augment: str = ""
+  weight_map: tuple[float, float] | None = None
+  overlays: int = 0
 
   def __post_init__(self):
     if self.num_classes < 2:
@@ -61,16 +73,62 @@ class SegmentationTask:
                        f"{self.num_classes} classes")
 
   @classmethod
-  def from_config(cls, num_classes: int, config=None) -> SegmentationTask:
-    """The task configured by `config.seg` (defaults when `config` is None)."""
-    if config is None:
-      return cls(num_classes)
-    if float(config.get("mixup_alpha", 0.0)) or float(config.get("cutmix_alpha", 0.0)):
+  def from_config(cls, config) -> SegmentationTask:
+    """The task as the resolved run config (`config.seg`) describes it."""
+    if float(config.mixup_alpha) or float(config.cutmix_alpha):
       raise ValueError("mixup_alpha / cutmix_alpha are not supported by the segmentation task")
-    terms = tuple(t.strip() for t in str(config.seg.loss).split("+") if t.strip())
-    weights = config.seg.class_weights
+    seg = config.seg
+    terms = tuple(t.strip() for t in str(seg.loss).split("+") if t.strip())
+    weights = seg.class_weights
     weights = tuple(float(w) for w in weights) if weights not in ("", None, ()) else None
-    return cls(num_classes, terms, weights, str(config.seg.get("tta", "")))
+    weight_map = ((float(seg.weight_map_w0), float(seg.weight_map_sigma))
+                  if seg.weight_map else None)
+    return cls(int(config.num_classes), tuple(config.data_info.image_shape), terms, weights,
+               str(seg.tta), weight_map, int(seg.overlays))
+
+  @property
+  def metric_names(self) -> tuple[str, ...]:
+    """What `finalize` reports (per-class IoU as iou_0 .. iou_{K-1})."""
+    return ("loss", "pixel_accuracy", "pixel_error", "miou", "dice",
+            *(f"iou_{k}" for k in range(self.num_classes)))
+
+  def input_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Images and label maps (and the weight map when it is on)."""
+    h, w = self.image_shape[:2]
+    spec = {"image": image_spec(batch_size, self.image_shape),
+            "label": jax.ShapeDtypeStruct((batch_size, h, w), np.int32)}
+    if self.weight_map is not None:
+      spec["weight"] = jax.ShapeDtypeStruct((batch_size, h, w), np.float32)
+    return spec
+
+  def model_inputs(self, batch: dict) -> tuple[tuple, dict]:
+    """The model sees the images."""
+    return (batch["image"],), {}
+
+  def prepare(self, batch: dict, *, train: bool) -> dict:
+    """Training batches get the border weight map (computed on the host: distance transforms)."""
+    if not train or self.weight_map is None:
+      return batch
+    w0, sigma = self.weight_map
+    return add_weight_map(batch, w0, sigma, num_classes=self.num_classes)
+
+  def check_outputs(self, outputs) -> None:
+    """The model must give per-pixel logits (N, H, W, K), or one sigmoid channel for K = 2."""
+    shape, k = tuple(getattr(outputs, "shape", ())), self.num_classes
+    if len(shape) != 4 or shape[-1] not in ((k, 1) if k == 2 else (k,)):
+      raise ValueError(
+          f"the model outputs {shape or type(outputs).__name__}, but segmentation needs per-pixel "
+          f"logits (N, H, W, {k})"
+          + ("; choose a segmentation model such as unet_tiny" if len(shape) == 2 else ""))
+
+  @property
+  def num_pictures(self) -> int:
+    """Eval examples drawn as overlays at the end of a run."""
+    return self.overlays
+
+  def save_pictures(self, path_prefix: str, batch: dict, predictions) -> list[str]:
+    """image | prediction | errors overlays, one PNG per example."""
+    return save_overlays(path_prefix, batch["image"], batch["label"], predictions)
 
   # -- shared pieces --------------------------------------------------------------------------
   def _aligned(self, logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array | None]:
@@ -105,11 +163,11 @@ class SegmentationTask:
     accuracy = jnp.sum((predict(logits) == labels) * m) / count
     return loss, {"pixel_accuracy": accuracy}
 
-  def eval_logits(self, apply_fn, images: jax.Array) -> jax.Array:
-    """The logits that evaluation scores: `apply_fn(images)`, or its test-time average."""
+  def predict(self, forward, batch: dict) -> jax.Array:
+    """The logits that evaluation scores: one forward pass, or its test-time average."""
     if self.test_time_augment:
-      return tta_logits(apply_fn, images, self.test_time_augment)
-    return apply_fn(images)
+      return tta_logits(forward, batch["image"], self.test_time_augment)
+    return forward(batch["image"])
 
   def eval_sums(self, logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
     """Sums over the valid examples' labelled pixels: confusion matrix, loss, Dice sums, count."""
@@ -127,8 +185,9 @@ class SegmentationTask:
         **losses.dice_sums(logits, labels, self.num_classes, mask),
     }
 
-  def finalize(self, sums: dict) -> dict[str, float]:
+  def finalize(self, sums: dict, examples: dict) -> dict[str, float]:
     """Exact metrics of the whole split from the summed `eval_sums`."""
+    del examples
     count = max(int(np.asarray(sums["count"])), 1)
     loss = float(np.asarray(sums["pixel_loss"])) / count
     if "dice" in self.loss_terms:

@@ -23,8 +23,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxvision import losses, metrics
+from jaxvision.tasks.base import TaskBase, image_spec
+from jaxvision.tasks.classification import check_class_scores, mix, targets
 
 TARGETS = ("ink", "label")
 REGRESSION_LOSSES = ("mse", "mae")
@@ -37,20 +40,25 @@ def ink_percentage(images: jax.Array) -> jax.Array:
   return 100.0 * jnp.mean(flat > 0.5 * (lo + hi), axis=1)
 
 
-def _split(outputs) -> tuple[jax.Array, jax.Array]:
+def _check_keys(outputs) -> None:
   if not isinstance(outputs, dict) or not {"logits", "regression"} <= set(outputs):
     got = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
     raise ValueError(f"the multitask task needs model outputs {{'logits', 'regression'}}, got "
                      f"{got}; use a multi-task model such as lenet_multitask")
+
+
+def _split(outputs) -> tuple[jax.Array, jax.Array]:
+  _check_keys(outputs)
   return outputs["logits"].astype(jnp.float32), outputs["regression"].astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
-class MultiTask:
+class MultiTask(TaskBase):
   """Classification + regression from one model, trained on the weighted sum of both losses.
 
   Attributes:
     num_classes: number of classes.
+    image_shape: (H, W, C) of the training images.
     target: regression target, 'ink' or 'label' (see the module docstring).
     regression_loss: 'mse' or 'mae'.
     regression_weight: weight of the regression loss.
@@ -59,11 +67,14 @@ class MultiTask:
   """
 
   num_classes: int
+  image_shape: tuple[int, int, int] = (28, 28, 1)
   target: str = "ink"
   regression_loss: str = "mse"
   regression_weight: float = 1.0
   classification_weight: float = 1.0
   label_smoothing: float = 0.0
+  mixup_alpha: float = 0.0
+  cutmix_alpha: float = 0.0
 
   def __post_init__(self):
     if self.target not in TARGETS:
@@ -76,21 +87,38 @@ class MultiTask:
         raise ValueError(f"config.multitask.{name}={getattr(self, name)} must be >= 0")
 
   @classmethod
-  def from_config(cls, num_classes: int, config=None) -> MultiTask:
-    """The task as `config.multitask` and `config.label_smoothing` describe it."""
-    if config is None:
-      return cls(num_classes)
+  def from_config(cls, config) -> MultiTask:
+    """The task as `config.multitask` and the resolved run config describe it."""
     m = config.multitask
-    return cls(num_classes, target=m.target, regression_loss=m.regression_loss,
-               regression_weight=float(m.regression_weight),
+    return cls(int(config.num_classes), tuple(config.data_info.image_shape), target=m.target,
+               regression_loss=m.regression_loss, regression_weight=float(m.regression_weight),
                classification_weight=float(m.classification_weight),
-               label_smoothing=float(config.label_smoothing))
+               label_smoothing=float(config.label_smoothing),
+               mixup_alpha=float(config.mixup_alpha), cutmix_alpha=float(config.cutmix_alpha))
 
-  def targets(self, batch: dict) -> jax.Array:
-    """Class probability targets: mixed soft labels when the batch carries them, else one-hot."""
-    if "soft_label" in batch:
-      return batch["soft_label"]
-    return losses.onehot(batch["label"], self.num_classes, self.label_smoothing)
+  @property
+  def metric_names(self) -> tuple[str, ...]:
+    """Classification metrics, then the regression's mae, mse and r2."""
+    return (("loss", "accuracy") + (("top5",) if self.num_classes > 5 else ())
+            + ("mae", "mse", "r2"))
+
+  def input_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Images and integer labels (the regression target is derived from them)."""
+    return {"image": image_spec(batch_size, self.image_shape),
+            "label": jax.ShapeDtypeStruct((batch_size,), np.int32)}
+
+  def augment(self, batch: dict, rng: jax.Array) -> dict:
+    """Mixup / cutmix when configured (the ink target is then measured on the mixed image)."""
+    return mix(batch, rng, self.num_classes, self.mixup_alpha, self.cutmix_alpha)
+
+  def model_inputs(self, batch: dict) -> tuple[tuple, dict]:
+    """The model sees the images."""
+    return (batch["image"],), {}
+
+  def check_outputs(self, outputs) -> None:
+    """The model must return {'logits': (N, K), 'regression': (N,)}."""
+    _check_keys(outputs)
+    check_class_scores(outputs["logits"], self.num_classes, "multitask")
 
   def regression_targets(self, batch: dict) -> jax.Array:
     """(B,) float32 regression targets derived from the batch."""
@@ -107,7 +135,8 @@ class MultiTask:
   def loss(self, outputs, batch: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted sum of the mean cross-entropy and the mean regression loss, and batch metrics."""
     logits, prediction = _split(outputs)
-    cross_entropy = jnp.mean(losses.softmax_cross_entropy(logits, self.targets(batch)))
+    class_target = targets(batch, self.num_classes, self.label_smoothing)
+    cross_entropy = jnp.mean(losses.softmax_cross_entropy(logits, class_target))
     target = self.regression_targets(batch)
     regression = jnp.mean(self._regression_error(prediction, target))
     loss = self.classification_weight * cross_entropy + self.regression_weight * regression
@@ -118,14 +147,16 @@ class MultiTask:
         "mae": jnp.mean(jnp.abs(prediction - target)),
     }
 
-  def eval_logits(self, apply_fn, images: jax.Array):
-    """The outputs that evaluation scores: one forward pass, `apply_fn(images)`."""
-    return apply_fn(images)
+  def predict(self, forward, batch: dict):
+    """One forward pass: {'logits', 'regression'}."""
+    return forward(batch["image"])
 
   def eval_sums(self, outputs, batch: dict) -> dict[str, jax.Array]:
     """Sums over the valid examples; `finalize` turns them into metrics."""
     logits, prediction = _split(outputs)
     sums = metrics.classification_sums(logits, batch["label"], batch["valid"])
+    if self.num_classes <= 5:
+      del sums["top5"]
     valid = batch["valid"].astype(jnp.float32)
     target = self.regression_targets({k: v for k, v in batch.items() if k != "soft_label"})
     error = prediction - target
@@ -137,8 +168,9 @@ class MultiTask:
         "target_sq_sum": jnp.sum(jnp.square(target) * valid),
     }
 
-  def finalize(self, sums: dict) -> dict[str, float]:
+  def finalize(self, sums: dict, examples: dict) -> dict[str, float]:
     """Means over the eval set, and r2 of the regression."""
+    del examples
     means = metrics.finalize_sums(sums)
     mean, mean_sq = means.pop("target_sum"), means.pop("target_sq_sum")
     variance = mean_sq - mean * mean
