@@ -24,8 +24,7 @@ finetune/test[:50], 25 steps of 32, evaluated on the 1,422 images of finetune/te
 Measured on the 2-core CPU (eval accuracy, seeds 0 / 1 / 2): pretrain 0.9844 on its held-out
 10%; finetune 0.8615 / 0.8741 / 0.8720 vs scratch 0.8193 / 0.8347 / 0.7975. LeNet's dense
 layers are specific to digits 0-4: reusing them (finetune_all 0.7475 / 0.8270 / 0.7349) is worse
-than scratch; a frozen backbone (linear: 0.3882 / 0.4451 / 0.4810) is worse still. More in the
-closing note of issue 9.
+than scratch; a frozen backbone (linear: 0.3882 / 0.4451 / 0.4810) is worse still.
 """
 
 from __future__ import annotations
@@ -49,12 +48,8 @@ def get_config(arg: str | None = None):
   if mode not in MODES:
     raise ValueError(f"configs/finetune_mnist.py:{mode}: choose from {', '.join(MODES)}")
   c = base.get_config()
-  c.model = "lenet"
   c.model_kwargs = ml_collections.ConfigDict({"activation": "relu", "pool": "max"})
-  c.image_size = 28
   c.data.normalize = "mnist"
-  c.optimizer = "adam"
-  c.learning_rate = 1e-3
   c.log_every = 25
   c.checkpoint_every = 0
   if mode == "pretrain":

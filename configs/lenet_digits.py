@@ -9,19 +9,11 @@ from configs import base
 
 
 def get_config(arg: str | None = None):
-  """Digits upscaled to 28x28, 80/20 split, Adam."""
+  """The base config's LeNet on digits (28x28, 80/20 split, Adam, 1000 steps), batch 64,
+  learning rate 3e-3, inputs scaled to [-1, 1]."""
   c = base.get_config(arg)
-  c.model = "lenet"
-  c.dataset = "digits"
-  c.train_split = "train[:80%]"
-  c.eval_split = "train[80%:]"
-  c.image_size = 28
   c.batch_size = 64
-  c.total_steps = 1000
   c.log_every = 100
-  c.eval_every = 500
-  c.checkpoint_every = 500
-  c.optimizer = "adam"
   c.learning_rate = 3e-3
   c.data.normalize = "half"
   return c

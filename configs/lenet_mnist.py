@@ -21,18 +21,15 @@ from configs import base
 def get_config(arg: str | None = None):
   """LeNet-5 (sigmoid, average pooling), 28x28 inputs, MNIST statistics, Adam."""
   c = base.get_config(arg)
-  c.model = "lenet"
   c.dataset = "tfds:mnist"
   c.train_split = "train"
   c.eval_split = "test"
-  c.image_size = 28
   c.batch_size = 64
   c.eval_batch_size = 500
   c.num_epochs = 12.0
   c.log_every = 125
   c.eval_every = 0  # only at the end: evaluation is a noticeable share of a 2-minute CPU run
   c.checkpoint_every = 0
-  c.optimizer = "adam"
   c.learning_rate = 6e-3  # sigmoid units need a large step to leave the initial plateau
   c.schedule = "warmup_cosine"
   c.warmup_steps = 20

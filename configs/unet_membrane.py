@@ -61,13 +61,11 @@ def get_config(arg: str | None = None):
   # flips or rotations: these labels sit about half a pixel above the membranes of the images
   # (see the module docstring), an offset the network can only learn if up stays up.
   c.data.augment = "crop,hflip,elastic(10,3)"
-  c.seg.loss = "cross_entropy"
   # Score the average of the prediction and that of the mirror image (the paper's ISBI entry
   # averaged 7 rotations; rotations would average the labels' vertical offset away).
   c.seg.tta = "hflip"
   c.best_metric = "pixel_error"
   c.best_mode = "min"
-  c.optimizer = "adam"
   c.keep_checkpoints = 1
 
   if preset == "cpu":

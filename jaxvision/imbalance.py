@@ -3,11 +3,11 @@
 Two remedies for a training split where some classes are rare:
 
   * re-weighting: `class_weights(labels, num_classes)` gives per-class weights for the
-    cross-entropy (`config.class_weights`, see jaxvision.tasks.ClassificationTask);
+    cross-entropy (`config.class_weights`, see jaxvision.tasks.classification);
   * re-sampling: `balanced_epoch_order(labels, num_classes, seed, epoch)` draws an epoch's
-    example order in which every class is equally likely, a drop-in replacement for the uniform
-    permutation of `jaxvision.data.pipeline.ArrayInput._epoch_order` (same (seed, epoch)
-    determinism, so resumed runs continue exactly).
+    example order in which every class is equally likely; `config.data.balanced_sampling` puts
+    it in place of the input pipeline's uniform permutation (same (seed, epoch) determinism,
+    so resumed runs continue exactly).
 
 Judge the result per class (`jaxvision.interpret.per_class_metrics`, `python -m train.viz
 confusion`): overall accuracy hides a minority class the model never predicts.

@@ -18,13 +18,3 @@ def softmax_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Per-example cross-entropy against probability targets [..., K]; returns [...] float32."""
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return -jnp.sum(targets * log_probs, axis=-1)
-
-
-def weighted_softmax_cross_entropy(
-    logits: jax.Array, labels: jax.Array, class_weights: jax.Array | None = None
-) -> jax.Array:
-  """Cross-entropy with integer labels, each example weighted by its class's weight."""
-  loss = softmax_cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
-  if class_weights is not None:
-    loss = loss * jnp.asarray(class_weights, jnp.float32)[labels]
-  return loss

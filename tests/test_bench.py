@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import jax
 import pytest
 
 from train import bench
+from train.build import build_model, build_task
+from train.optim import create_optimizer
 
 TINY = ["--model", "lenet", "--batch-size", "8", "--dtype", "float32", "--steps", "2",
         "--repeats", "2", "--warmup", "1"]
@@ -55,13 +58,13 @@ def test_bench_segmentation_model(capsys):
 
 def test_synthetic_batch_has_the_task_s_labels():
   args = bench.parse_args(["--model", "unet_tiny", "--batch-size", "4", "--image-size", "16"])
-  config, input_shape = bench.build_config(args)
-  batch = bench.synthetic_batch(config, input_shape, put=lambda b: b)
+  config = bench.build_config(args)
+  batch = bench.synthetic_batch(build_task(config), config, put=lambda b: b)
   assert batch["image"].shape == (4, 16, 16, 1) and batch["image"].dtype == "float32"
   assert batch["label"].shape == (4, 16, 16) and batch["label"].max() < config.num_classes
   args = bench.parse_args(["--model", "lenet", "--batch-size", "4", "--num-classes", "3"])
-  config, input_shape = bench.build_config(args)
-  batch = bench.synthetic_batch(config, input_shape, put=lambda b: b)
+  config = bench.build_config(args)
+  batch = bench.synthetic_batch(build_task(config), config, put=lambda b: b)
   assert batch["image"].shape == (4, 28, 28, 1) and batch["label"].shape == (4,)
   assert set(batch["label"].tolist()) <= {0, 1, 2}
 
@@ -69,12 +72,12 @@ def test_synthetic_batch_has_the_task_s_labels():
 def test_build_config_uses_the_base_config_and_detects_the_task():
   args = bench.parse_args(["--model", "unet_tiny", "--batch-size", "4", "--image-size", "16",
                            "--optimizer", "adam"])
-  config, input_shape = bench.build_config(args)
-  assert input_shape == (1, 16, 16, 1)
+  config = bench.build_config(args)
+  assert config.data_info.image_shape == (16, 16, 1)
   assert config.task == "segmentation" and config.num_classes == 2
   assert config.optimizer == "adam" and config.batch_size == 4 and config.dtype == "bfloat16"
   args = bench.parse_args(["--model", "vit_tiny", "--batch-size", "4", "--image-size", "16"])
-  config, _ = bench.build_config(args)
+  config = bench.build_config(args)
   assert config.task == "classification" and config.model_kwargs.image_size == 16
 
 
@@ -127,23 +130,16 @@ def test_compare_torch_adds_a_torch_row_and_the_ratio(capsys, interleave):
 
 def test_model_flops_ignore_scan_and_remat():
   """XLA counts a scanned body once and recomputed work twice; MFU uses the plain network's."""
-  import jax
-
-  from jaxvision.tasks import get_task
-  from train.loop import build_model
-  from train.optim import create_optimizer
-
   def flops(kwargs: str, mode: str) -> tuple[float, float]:
     args = bench.parse_args(["--model", "vit_tiny", "--batch-size", "2", "--image-size", "16",
                              "--dtype", "float32", "--model-kwargs", kwargs])
-    config, shape = bench.build_config(args)
-    task = get_task(config.task, num_classes=config.num_classes, config=config)
-    tx = create_optimizer(config, 10)
-    model = build_model(config)
+    config = bench.build_config(args)
+    task, tx, model = build_task(config), create_optimizer(config), build_model(config)
+    shape = (1, *config.data_info.image_shape)
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros(shape)))
     own = bench.flops_of(jax.jit(lambda v, x: model.apply(v, x)).lower(
         variables, jax.ShapeDtypeStruct((2, *shape[1:]), "float32")))
-    return own, bench._plain_model_flops(config, shape, task, tx, mode)
+    return own, bench._plain_model_flops(config, task, tx, mode)
 
   plain_own, plain = flops("remat=False", "infer")
   assert plain_own == pytest.approx(plain)

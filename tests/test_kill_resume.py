@@ -28,44 +28,17 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import lenet_digits
+from conftest import cached_env
 from train import loop
 from train.checkpoint import create_manager
 
+pytestmark = pytest.mark.usefixtures("compile_cache")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # log_every=1: a train row is the mean over its log window, and a run resumed inside a window
 # averages only the steps it ran; per-step rows compare exactly whatever the resume points.
 SETTINGS = dict(total_steps=240, checkpoint_every=20, log_every=1, eval_every=80,
                 keep_checkpoints=3, batch_size=32)
 TIMEOUT = 300  # seconds for any one wait; generous for a loaded 2-core machine
-
-
-# Every run of a module compiles the same few programs: a persistent compilation cache lets
-# all but the first load them (about 1 s instead of 10 s of CPU per run on 2 cores). Set
-# for this module only, and passed to its subprocesses through the environment.
-_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  """The cache directory, in use by this process while the module's tests run."""
-  from jax.experimental.compilation_cache import compilation_cache
-
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  before = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  compilation_cache.reset_cache()
-  yield path
-  for name, value in before.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-
-
-def cached_env(cache_dir: str, devices: int = 4) -> dict[str, str]:
-  """The environment of a CPU subprocess with `devices` devices that shares the cache."""
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
 def command(workdir: str) -> list[str]:

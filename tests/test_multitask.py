@@ -11,9 +11,12 @@ import pytest
 
 from configs import base, multitask_digits
 from jaxvision import imbalance
+from jaxvision.data import ArrayInput, ArraySource
 from jaxvision.models import create_model
-from jaxvision.multitask import MultiTask, ink_percentage
-from jaxvision.tasks import ClassificationTask, get_task
+from jaxvision.tasks import create_task
+from jaxvision.tasks.classification import ClassificationTask
+from jaxvision.tasks.multitask import MultiTask, ink_percentage
+from train import loop
 from train import step as step_lib
 from train.state import create_train_state
 
@@ -79,10 +82,10 @@ def test_multitask_eval_counts_valid_examples_and_r2():
   batch = batch_of()
   perfect = {"logits": jax.nn.one_hot(batch["label"], 4) * 10,
              "regression": batch["label"].astype(jnp.float32)}
-  metrics = task.finalize(jax.device_get(task.eval_sums(perfect, batch)))
+  metrics = task.finalize(jax.device_get(task.eval_sums(perfect, batch)), {})
   assert metrics["accuracy"] == 1.0 and metrics["mae"] == 0.0 and metrics["r2"] == 1.0
   constant = {**perfect, "regression": jnp.full((6,), float(np.mean(batch["label"][:5])))}
-  metrics = task.finalize(jax.device_get(task.eval_sums(constant, batch)))
+  metrics = task.finalize(jax.device_get(task.eval_sums(constant, batch)), {})
   np.testing.assert_allclose(metrics["r2"], 0.0, atol=1e-5)  # predicting the mean explains nothing
   with pytest.raises(ValueError, match="lenet_multitask"):
     task.loss(perfect["logits"], batch)
@@ -90,7 +93,8 @@ def test_multitask_eval_counts_valid_examples_and_r2():
 
 def test_multitask_from_config_and_bad_values():
   config = multitask_digits.get_config()
-  task = get_task("multitask", num_classes=10, config=config)
+  config.num_classes, config.data_info.image_shape = 10, (28, 28, 1)
+  task = create_task(config)
   assert isinstance(task, MultiTask)
   assert (task.target, task.regression_loss, task.regression_weight) == ("ink", "mse", 0.05)
   with pytest.raises(ValueError, match="regression_loss='huber'"):
@@ -106,9 +110,9 @@ def _jitted_step(task):
 
 def test_one_training_step_moves_both_heads():
   model = create_model("lenet_multitask", num_classes=4)
-  state = jax.jit(lambda r: create_train_state(model, optax.adam(1e-2), r, (1, 28, 28, 1),
-                                               ema=False))(jax.random.key(0))
   task = MultiTask(4, regression_weight=0.05)
+  state = jax.jit(lambda r: create_train_state(model, optax.adam(1e-2), task, r,
+                                               ema=False))(jax.random.key(0))
   batch = batch_of(8)
   new_state, metrics = _jitted_step(task)(state, batch, jax.random.key(1))
   assert np.isfinite(metrics["loss"]) and set(metrics) >= {"accuracy", "mae", "cross_entropy"}
@@ -117,8 +121,6 @@ def test_one_training_step_moves_both_heads():
 
 
 def test_multitask_config_trains_through_the_trainer(tmp_path):
-  from train import loop
-
   config = multitask_digits.get_config()
   config.total_steps, config.eval_every, config.checkpoint_every = 30, 0, 0
   config.log_every, config.progress = 10, "none"
@@ -173,11 +175,25 @@ def test_class_weighted_cross_entropy():
 
 def test_class_weights_from_config():
   config = base.get_config()
-  assert get_task("classification", num_classes=3, config=config).class_weights is None
+  config.task, config.num_classes, config.data_info.image_shape = "classification", 3, (8, 8, 1)
+  assert create_task(config).class_weights is None
   config.class_weights = (1.0, 2.0, 3.0)
-  assert get_task("classification", num_classes=3, config=config).class_weights == (1.0, 2.0, 3.0)
+  assert create_task(config).class_weights == (1.0, 2.0, 3.0)
+  config.num_classes = 4
   with pytest.raises(ValueError, match="class_weights has 3 values for 4 classes"):
-    get_task("classification", num_classes=4, config=config)
+    create_task(config)
   assert imbalance.parse_class_weights("1, 2.5", 2) == (1.0, 2.5)
   with pytest.raises(ValueError, match="finite and >= 0"):
     imbalance.parse_class_weights((1.0, -1.0), 2)
+
+
+def test_balanced_sampling_puts_the_classes_on_an_equal_footing_in_the_pipeline():
+  source = ArraySource(np.zeros((100, 4, 4, 1), np.uint8),
+                       np.array([0] * 90 + [1] * 10, np.int32), num_classes=2)
+  config = base.get_config()
+  config.batch_size, config.image_size, config.data.balanced_sampling = 50, 4, True
+  balanced = ArrayInput.from_config(config, source, train=True)
+  drawn = np.concatenate([source.labels[balanced.train_indices(s)] for s in range(40)])
+  assert abs(drawn.mean() - 0.5) < 0.05  # uniform order: 0.1
+  again = ArrayInput.from_config(config, source, train=True)
+  np.testing.assert_array_equal(balanced.train_indices(7), again.train_indices(7))

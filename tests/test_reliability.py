@@ -19,50 +19,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import lenet_digits
+from conftest import small_config
 from train import loop
 from train.checkpoint import create_manager
 
+pytestmark = pytest.mark.usefixtures("compile_cache")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("images_per_sec", "data_wait_ms")  # wall-clock measurements, not results
 
 
-# Every run of a module compiles the same few programs: a persistent compilation cache lets
-# all but the first load them (about 1 s instead of 10 s of CPU per run on 2 cores). Set
-# for this module only, and passed to its subprocesses through the environment.
-_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  """The cache directory, in use by this process while the module's tests run."""
-  from jax.experimental.compilation_cache import compilation_cache
-
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  before = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  compilation_cache.reset_cache()
-  yield path
-  for name, value in before.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-
-
-
 def config_with(**overrides):
-  """A short LeNet run on digits, with `overrides` ('mesh.num_devices' style keys too)."""
-  c = lenet_digits.get_config()
-  with c.unlocked():
-    c.update(dict(total_steps=30, log_every=1, eval_every=0, checkpoint_every=10, batch_size=32,
-                  progress="none"))
-    for key, value in overrides.items():
-      *parents, leaf = key.split(".")
-      target = c
-      for parent in parents:
-        target = target[parent]
-      target[leaf] = value
-  return c
+  """A 30-step LeNet run on digits, with `overrides` ('mesh.num_devices' style keys too)."""
+  return small_config(**{"total_steps": 30, **overrides})
 
 
 def last_params(workdir):

@@ -18,7 +18,6 @@ from scipy import ndimage
 from configs import base
 from jaxvision.models import create_model
 from jaxvision.segmentation import (
-    SegmentationTask,
     add_weight_map,
     confusion_matrix,
     confusion_metrics,
@@ -30,7 +29,16 @@ from jaxvision.segmentation import (
     tta_logits,
     unet_weight_map,
 )
-from jaxvision.tasks import get_task
+from jaxvision.tasks import create_task
+from jaxvision.tasks.segmentation import SegmentationTask
+
+
+def seg_config(num_classes: int, **seg) -> ml_collections.ConfigDict:
+  """A resolved-looking segmentation run config (what the tasks read)."""
+  c = base.get_config()
+  c.task, c.num_classes, c.data_info.image_shape = "segmentation", num_classes, (8, 8, 1)
+  c.seg.update(seg)
+  return c
 
 # Five 2x3 examples: true classes and predicted classes (K = 3), counted by hand below.
 LABELS = np.array([
@@ -120,7 +128,8 @@ def four_device_eval() -> dict:
     per_device.append(int(sums["count"].shape[0]))
     sums = jax.tree.map(lambda x: np.asarray(x[0]), sums)  # psum: every device holds the total
     total = sums if total is None else jax.tree.map(np.add, total, sums)
-  return {"confusion": total["confusion"].tolist(), "devices": per_device, **task.finalize(total)}
+  return {"confusion": total["confusion"].tolist(), "devices": per_device,
+          **task.finalize(total, {})}
 
 
 def test_eval_sums_over_four_devices_with_padded_final_batch():
@@ -147,7 +156,7 @@ def test_eval_loss_is_exact_over_batches_and_matches_numpy():
   for b in _padded_batches(2):
     sums = jax.tree.map(np.asarray, task.eval_sums(jnp.asarray(b["logits"]), b))
     total = sums if total is None else jax.tree.map(np.add, total, sums)
-  got = task.finalize(total)
+  got = task.finalize(total, {})
   logits = LOGITS
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   ce = -np.take_along_axis(logp, LABELS[..., None], -1)[..., 0]
@@ -188,21 +197,21 @@ def test_training_loss_weights_crop_dice_and_bce():
 
 
 def test_task_from_config_and_errors():
-  c = base.get_config()
-  c.seg.loss = "cross_entropy+dice"
-  c.seg.class_weights = (1.0, 2.0)
-  task = get_task("segmentation", num_classes=2, config=c)
+  c = seg_config(2, loss="cross_entropy+dice", class_weights=(1.0, 2.0))
+  task = create_task(c)
   assert task.loss_terms == ("cross_entropy", "dice") and task.class_weights == (1.0, 2.0)
+  assert task.input_spec(3)["label"].shape == (3, 8, 8)
   c.seg.loss = "focal"
   with pytest.raises(ValueError, match="focal"):
-    SegmentationTask.from_config(2, c)
+    create_task(c)
   c.seg.loss = "cross_entropy"
+  c.num_classes = 3
   with pytest.raises(ValueError, match="class_weights"):
-    SegmentationTask.from_config(3, c)
-  c.seg.class_weights = ()
+    create_task(c)
+  c.num_classes, c.seg.class_weights = 2, ()
   c.mixup_alpha = 0.2
   with pytest.raises(ValueError, match="mixup"):
-    SegmentationTask.from_config(2, c)
+    create_task(c)
   with pytest.raises(ValueError, match="crop"):
     SegmentationTask(2).loss(jnp.zeros((1, 8, 8, 2)), {"label": np.zeros((1, 4, 4), np.int32)})
 
@@ -254,20 +263,20 @@ def test_hflip_tta_averages_the_input_and_its_mirror():
 
 
 def test_task_evaluates_the_dihedral_average_when_configured():
-  c = base.get_config()
+  c = seg_config(3)
   x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 4, 4, 1)), jnp.float32)
-  plain = get_task("segmentation", num_classes=3, config=c)
-  np.testing.assert_array_equal(plain.eval_logits(_position_dependent, x), _position_dependent(x))
+  plain = create_task(c)
+  np.testing.assert_array_equal(plain.predict(_position_dependent, {"image": x}),
+                                _position_dependent(x))
   c.seg.tta = "dihedral"
-  tta = get_task("segmentation", num_classes=3, config=c)
-  np.testing.assert_allclose(tta.eval_logits(_position_dependent, x),
+  np.testing.assert_allclose(create_task(c).predict(_position_dependent, {"image": x}),
                              dihedral_logits(_position_dependent, x))
   c.seg.tta = "hflip"
-  np.testing.assert_allclose(get_task("segmentation", num_classes=3, config=c).eval_logits(
-      _position_dependent, x), tta_logits(_position_dependent, x, "hflip"))
+  np.testing.assert_allclose(create_task(c).predict(_position_dependent, {"image": x}),
+                             tta_logits(_position_dependent, x, "hflip"))
   c.seg.tta = "rot45"
   with pytest.raises(ValueError, match="seg.tta='rot45'"):
-    get_task("segmentation", num_classes=3, config=c)
+    create_task(c)
 
 
 # -- label alignment ------------------------------------------------------------------------------
@@ -397,8 +406,7 @@ def test_a_few_training_steps_learn_a_synthetic_segmentation(tmp_path):
   images = ndimage.uniform_filter(images, size=(1, 5, 5, 1))
   images = (images - images.mean()) / images.std()
   labels = (images[..., 0] > np.median(images)).astype(np.int32)  # blobs of local brightness
-  task = SegmentationTask.from_config(2, ml_collections.ConfigDict(
-      {"seg": {"loss": "cross_entropy+dice", "class_weights": ()}}))
+  task = create_task(seg_config(2, loss="cross_entropy+dice"))
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1))))
   variables = jax.tree_util.tree_map_with_path(
       lambda p, a: jnp.asarray(rng.normal(size=a.shape) * np.sqrt(2 / np.prod(a.shape[:-1])),

@@ -11,34 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from configs import lenet_digits
+from conftest import read_metrics, small_config
 from train import loop
+from train.build import build_model
 from train.checkpoint import create_manager
+from train.resolve import resolve
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def small_config(**overrides):
-  c = lenet_digits.get_config()
-  c.total_steps = 20
-  c.log_every = 1
-  c.eval_every = 0
-  c.checkpoint_every = 10
-  c.batch_size = 32
-  c.progress = "none"
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    with c.unlocked():
-      target[leaf] = value
-  return c
-
-
-def read_metrics(workdir, split="train"):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [r for r in map(json.loads, f) if r["split"] == split]
 
 
 def final_params(workdir):
@@ -137,12 +116,11 @@ def test_resume_drops_rows_logged_past_the_checkpoint(tmp_path):
 
 
 def test_vit_is_built_for_the_data_image_size():
-  config = small_config(model="vit_ti16")
-  model = loop.build_model(config, (1, 32, 48, 3))
-  assert model.image_size == (32, 48)
-  with config.unlocked():
-    config.model_kwargs.image_size = 64
-  assert loop.build_model(config, (1, 32, 48, 3)).image_size == 64  # an explicit size wins
+  config, _, _ = resolve(small_config(model="vit_tiny", image_size=48))
+  assert config.model_kwargs.image_size == 48 and build_model(config).grid == (6, 6)
+  explicit = small_config(model="vit_tiny", image_size=48, **{"model_kwargs.image_size": 32})
+  config, _, _ = resolve(explicit)
+  assert build_model(config).image_size == 32  # an explicit size wins
 
 
 @pytest.mark.parametrize("num_devices,parallel", [(1, "mesh"), (2, "mesh"), (2, "pmap")])

@@ -11,25 +11,19 @@ import optax
 import pytest
 from flax import serialization
 
-from configs import base, lenet_digits
+from configs import base
+from conftest import small_config
 from jaxvision.models import create_model
+from jaxvision.tasks.classification import ClassificationTask
 from train import loop, transfer
+from train.build import load_config
 from train.checkpoint import restore_params
 from train.state import TrainState, create_train_state
 
 
-def small_config(**overrides):
-  c = lenet_digits.get_config()
-  c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 3, 3, 0, 0
-  c.batch_size, c.progress = 32, "none"
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    with c.unlocked():
-      target[leaf] = value
-  return c
+def short_config(**overrides):
+  """Three LeNet steps on digits, no eval or intermediate checkpoint."""
+  return small_config(**{"total_steps": 3, "log_every": 3, "checkpoint_every": 0, **overrides})
 
 
 def flat(tree):
@@ -40,17 +34,17 @@ def flat(tree):
 def pretrained(tmp_path_factory):
   """A LeNet trained a few steps on digits: the source of every transfer below."""
   workdir = str(tmp_path_factory.mktemp("pretrained"))
-  loop.train_and_evaluate(small_config(eval_split=""), workdir)
+  loop.train_and_evaluate(short_config(eval_split=""), workdir)
   return workdir
 
 
 @functools.lru_cache
 def _init_fn(model_name, ema, kwargs):
   model = create_model(model_name, **dict(kwargs))
-  shape = (1, 28, 28, 1) if model_name == "lenet" else (1, 32, 32, 3)
-  if "image_size" in dict(kwargs):
-    shape = (1, dict(kwargs)["image_size"], dict(kwargs)["image_size"], 3)
-  return jax.jit(lambda rng: create_train_state(model, optax.adam(1e-3), rng, shape, ema=ema))
+  side = dict(kwargs).get("image_size", 28 if model_name == "lenet" else 32)
+  task = ClassificationTask(model.num_classes,
+                            image_shape=(side, side, 1 if model_name == "lenet" else 3))
+  return jax.jit(lambda rng: create_train_state(model, optax.adam(1e-3), task, rng, ema=ema))
 
 
 def fresh_state(model_name="lenet", ema=True, rng=None, **model_kwargs):
@@ -62,7 +56,7 @@ def fresh_state(model_name="lenet", ema=True, rng=None, **model_kwargs):
 def test_finetune_with_frozen_backbone_and_a_new_head(pretrained, tmp_path, caplog):
   source, _, _ = restore_params(f"{pretrained}/checkpoints")
   caplog.set_level(logging.WARNING, logger="train")
-  config = small_config(init_from=pretrained, freeze="^(?!head/)", num_classes=12,
+  config = short_config(init_from=pretrained, freeze="^(?!head/)", num_classes=12,
                         learning_rate=1e-2, eval_split="")
   loop.train_and_evaluate(config, str(tmp_path))
   tuned, _, _ = restore_params(str(tmp_path / "checkpoints"))
@@ -85,7 +79,7 @@ def test_init_from_round_trips_through_workdir_npz_and_msgpack(pretrained, tmp_p
   npz = transfer.export_npz(str(tmp_path / "w.npz"), params)
   packed = tmp_path / "w.msgpack"
   packed.write_bytes(serialization.msgpack_serialize({"params": jax.tree.map(np.asarray, params)}))
-  config = small_config(ema_decay=0.9)
+  config = short_config(ema_decay=0.9)
   for source in (pretrained, f"{pretrained}/checkpoints", npz, str(packed)):
     state = transfer.initialize_from(fresh_state(ema=True), source, config)
     for tree in (state.params, state.ema_params):  # EMA starts at the loaded weights
@@ -123,8 +117,23 @@ def test_vit_posemb_is_resampled_and_block_layouts_convert(tmp_path):
   np.testing.assert_array_equal(loaded.params["head"]["kernel"], params["head"]["kernel"])
 
 
+def test_vit_fine_tuned_at_another_size_gets_the_resampled_posemb(tmp_path, caplog):
+  """vit_tiny trained at 32 px (4x4 patches), fine-tuned at 48 px without model_kwargs.image_size:
+  the run's model is built for the 6x6 grid, and the report says what the state holds."""
+  source = str(tmp_path / "source")
+  loop.train_and_evaluate(short_config(model="vit_tiny", image_size=32, eval_split=""), source)
+  caplog.set_level(logging.WARNING, logger="train")
+  tuned = str(tmp_path / "tuned")
+  loop.train_and_evaluate(short_config(model="vit_tiny", image_size=48, init_from=source,
+                                       eval_split=""), tuned)
+  params, _, _ = restore_params(f"{tuned}/checkpoints")
+  assert params["pos_embed"].shape == (1, 1 + 36, 32)
+  assert "pos_embed (1, 17, 32) -> (1, 37, 32)" in caplog.text
+  assert load_config(tuned).model_kwargs.image_size == 48
+
+
 def test_bad_init_from_is_a_clear_error(tmp_path):
-  config = small_config()
+  config = short_config()
   with pytest.raises(FileNotFoundError, match="no such file"):
     transfer.initialize_from(fresh_state(), str(tmp_path / "nope"), config)
   np.savez(tmp_path / "other.npz", **{"params/dense/kernel": np.zeros((3, 3))})
@@ -140,7 +149,7 @@ def test_bad_init_from_is_a_clear_error(tmp_path):
 
 def test_normalization_mismatch_is_reported(pretrained, caplog):
   caplog.set_level(logging.WARNING, logger="train")
-  config = small_config()
+  config = short_config()
   config.data.normalize = "mnist"  # the source run used 'half'
   transfer.initialize_from(fresh_state(), pretrained, config)
   assert "data.normalize='half' but this run uses 'mnist'" in caplog.text
@@ -152,11 +161,11 @@ def test_normalization_mismatch_is_reported(pretrained, caplog):
 def test_init_skip_leaves_matching_layers_as_initialised(pretrained):
   params, _, _ = restore_params(f"{pretrained}/checkpoints")
   fresh = fresh_state()
-  config = small_config(init_skip="^(fc1|fc2|head)/")
+  config = short_config(init_skip="^(fc1|fc2|head)/")
   state = transfer.initialize_from(fresh, pretrained, config)
   got, source, initial = flat(state.params), flat(params), flat(fresh.params)
   for path in got:
     expected = initial[path] if path.split("/")[0] in ("fc1", "fc2", "head") else source[path]
     assert got[path].tobytes() == expected.tobytes(), path
   with pytest.raises(ValueError, match="init_skip"):
-    transfer.initialize_from(fresh, pretrained, small_config(init_skip="(("))
+    transfer.initialize_from(fresh, pretrained, short_config(init_skip="(("))

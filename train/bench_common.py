@@ -19,7 +19,7 @@ OPTIMIZERS = ("momentum", "sgd", "adam")
 # bf16 peak, float32 runs included, so MFU figures of both dtypes share one ceiling.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     # H100 SXM: 989 on the spec sheet, but dense bf16 GEMMs measure ~800 (power/clock limited);
-    # issue 8 asks for MFU against that measured peak. The H200 is the same GH100 compute die.
+    # MFU is taken against that measured peak. The H200 is the same GH100 compute die.
     ("h100 pcie", 756.0),  # spec sheet; no measured figure to hand
     ("h100", 800.0),
     ("h200", 800.0),

@@ -69,7 +69,7 @@ def create_input(
         arg, config, split, train=train, process_index=process_index, process_count=process_count
     )
   source = load_source(config.dataset, split, image_size=config.image_size, data_config=config.data)
-  check_num_classes(source, int(config.num_classes), config.dataset)
+  check_num_classes(source, config)
   return ArrayInput.from_config(
       config, source, train=train, process_index=process_index, process_count=process_count
   )

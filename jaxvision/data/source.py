@@ -113,9 +113,16 @@ def check_label_range(labels: np.ndarray, num_classes: int, names=None, where: s
   raise ValueError(f"label {value} out of range for {num_classes} classes{culprit}")
 
 
-def check_num_classes(source, num_classes: int, uri: str) -> None:
-  """With an explicit config.num_classes, every label must be below it (one line naming it)."""
-  if not num_classes or num_classes >= source.num_classes:
+def check_num_classes(source, config) -> None:
+  """With an explicit `config.num_classes`, every label must be below it (one line naming it).
+
+  Only when the run's task is the source's own (its labels are the targets); another task, e.g.
+  a regression on the images, gives num_classes its own meaning.
+  """
+  num_classes, uri = int(config.num_classes), config.dataset
+  if config.task not in ("auto", source.task) or not num_classes:
+    return
+  if num_classes >= source.num_classes:
     return
   labels, names = source.labels, source.names
   try:

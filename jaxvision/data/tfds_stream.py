@@ -273,6 +273,6 @@ def create_input(arg: str, config, split: str, *, train: bool, process_index: in
     return TfdsStream(builder, split, config, train=train, process_index=process_index,
                       process_count=process_count)
   source = tfds_source.materialise(builder, split)
-  check_num_classes(source, int(config.num_classes), config.dataset)
+  check_num_classes(source, config)
   return ArrayInput.from_config(config, source, train=train, process_index=process_index,
                                 process_count=process_count)

@@ -37,28 +37,28 @@ class ClassificationTask(TaskBase):
 
   Attributes:
     num_classes: number of classes.
-    image_shape: (H, W, C) of the training images.
     label_smoothing: mass spread uniformly over the classes in the training targets.
     class_weights: per-class weights of the training cross-entropy (None: unweighted); see
       jaxvision.imbalance.class_weights. Eval metrics stay unweighted.
     mixup_alpha / cutmix_alpha: on-device mixup / cutmix of training batches (0: off).
+    image_shape: (H, W, C) of the training images.
   """
 
   num_classes: int
-  image_shape: tuple[int, int, int] = (28, 28, 1)
   label_smoothing: float = 0.0
   class_weights: tuple[float, ...] | None = None
   mixup_alpha: float = 0.0
   cutmix_alpha: float = 0.0
+  image_shape: tuple[int, int, int] = (28, 28, 1)
 
   @classmethod
   def from_config(cls, config) -> ClassificationTask:
     """The task as the resolved run config describes it."""
     return cls(
-        int(config.num_classes), tuple(config.data_info.image_shape),
-        float(config.label_smoothing),
+        int(config.num_classes), float(config.label_smoothing),
         parse_class_weights(config.class_weights, int(config.num_classes)),
-        float(config.mixup_alpha), float(config.cutmix_alpha))
+        float(config.mixup_alpha), float(config.cutmix_alpha),
+        image_shape=tuple(config.data_info.image_shape))
 
   @property
   def metric_names(self) -> tuple[str, ...]:

@@ -58,16 +58,16 @@ class MultiTask(TaskBase):
 
   Attributes:
     num_classes: number of classes.
-    image_shape: (H, W, C) of the training images.
     target: regression target, 'ink' or 'label' (see the module docstring).
     regression_loss: 'mse' or 'mae'.
     regression_weight: weight of the regression loss.
     classification_weight: weight of the cross-entropy.
     label_smoothing: mass spread uniformly over the classes in the training targets.
+    mixup_alpha / cutmix_alpha: on-device mixup / cutmix of training batches (0: off).
+    image_shape: (H, W, C) of the training images.
   """
 
   num_classes: int
-  image_shape: tuple[int, int, int] = (28, 28, 1)
   target: str = "ink"
   regression_loss: str = "mse"
   regression_weight: float = 1.0
@@ -75,6 +75,7 @@ class MultiTask(TaskBase):
   label_smoothing: float = 0.0
   mixup_alpha: float = 0.0
   cutmix_alpha: float = 0.0
+  image_shape: tuple[int, int, int] = (28, 28, 1)
 
   def __post_init__(self):
     if self.target not in TARGETS:
@@ -90,7 +91,8 @@ class MultiTask(TaskBase):
   def from_config(cls, config) -> MultiTask:
     """The task as `config.multitask` and the resolved run config describe it."""
     m = config.multitask
-    return cls(int(config.num_classes), tuple(config.data_info.image_shape), target=m.target,
+    return cls(int(config.num_classes), image_shape=tuple(config.data_info.image_shape),
+               target=m.target,
                regression_loss=m.regression_loss, regression_weight=float(m.regression_weight),
                classification_weight=float(m.classification_weight),
                label_smoothing=float(config.label_smoothing),

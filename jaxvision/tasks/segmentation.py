@@ -39,7 +39,6 @@ class SegmentationTask(TaskBase):
 
   Attributes:
     num_classes: number of classes K (a one-channel model output is a sigmoid logit, K = 2).
-    image_shape: (H, W, C) of the training crops.
     loss_terms: summed loss terms, from 'cross_entropy', 'bce' and 'dice'.
     class_weights: per-class weights of the cross-entropy terms, or None.
     test_time_augment: '' (off), or evaluate the average over flipped/rotated versions:
@@ -47,15 +46,16 @@ class SegmentationTask(TaskBase):
     weight_map: (w0, sigma) of the U-Net paper's border weight map added to training batches,
       or None.
     overlays: eval examples drawn as overlay PNGs at the end of a run.
+    image_shape: (H, W, C) of the training crops.
   """
 
   num_classes: int
-  image_shape: tuple[int, int, int] = (64, 64, 1)
   loss_terms: tuple[str, ...] = ("cross_entropy",)
   class_weights: tuple[float, ...] | None = None
   test_time_augment: str = ""
   weight_map: tuple[float, float] | None = None
   overlays: int = 0
+  image_shape: tuple[int, int, int] = (64, 64, 1)
 
   def __post_init__(self):
     if self.num_classes < 2:
@@ -83,8 +83,8 @@ class SegmentationTask(TaskBase):
     weights = tuple(float(w) for w in weights) if weights not in ("", None, ()) else None
     weight_map = ((float(seg.weight_map_w0), float(seg.weight_map_sigma))
                   if seg.weight_map else None)
-    return cls(int(config.num_classes), tuple(config.data_info.image_shape), terms, weights,
-               str(seg.tta), weight_map, int(seg.overlays))
+    return cls(int(config.num_classes), terms, weights, str(seg.tta), weight_map,
+               int(seg.overlays), image_shape=tuple(config.data_info.image_shape))
 
   @property
   def metric_names(self) -> tuple[str, ...]:
