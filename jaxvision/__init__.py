@@ -4,6 +4,8 @@ Importing jaxvision never imports TensorFlow; the TFDS input path loads it lazil
 """
 
 from jaxvision.models import create_model, list_models, model_info
+from jaxvision.models.pretrained import PretrainedConfig, load_pretrained
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "list_models", "model_info", "__version__"]
+__all__ = ["PretrainedConfig", "create_model", "list_models", "load_pretrained", "model_info",
+           "__version__"]

@@ -25,7 +25,7 @@ def _inputs(source, batch, processes, train=False):
   config = base.get_config()
   config.data.workers = 1
   transform = build_transform(config.data, train=train, task="classification", image_size=2)
-  return [ArrayInput(source, global_batch_size=batch, transform=transform, seed=3,
+  return [ArrayInput(source, global_batch_size=batch, transform=transform, image_size=2, seed=3,
                      process_index=p, process_count=processes, prefetch=0)
           for p in range(processes)]
 
@@ -67,7 +67,7 @@ def test_the_same_seed_gives_the_same_batches_and_resume_continues_exactly():
   config.data.augment = "flip,erase(0.5)"
   config.data.workers = 2
   config.image_size = 2
-  make = lambda: ArrayInput(source, global_batch_size=4, seed=5, prefetch=2,
+  make = lambda: ArrayInput(source, global_batch_size=4, seed=5, prefetch=2, image_size=2,
                             transform=build_transform(config.data, train=True,
                                                       task="classification", image_size=2))
   first = make().train_batches(0)

@@ -66,7 +66,7 @@ def tiny_dir(tmp_path_factory):
 
 def config_for(dataset, data_dir="", **data):
   c = base.get_config()
-  c.dataset, c.image_size, c.batch_size, c.seed = dataset, 8, 4, 1
+  c.dataset, c.image_size, c.batch_size, c.eval_batch_size, c.seed = dataset, 8, 4, 4, 1
   c.data.prefetch, c.data.workers, c.data.tfds_dir = 0, 1, data_dir
   for k, v in data.items():
     c.data[k] = v
@@ -95,7 +95,7 @@ def test_mnist_in_memory_with_mock_data():
 
 def test_small_fixed_size_datasets_stay_in_memory_large_ones_stream(tiny_dir):
   with tfds.testing.mock_data(num_examples=5):
-    builder = jv_tfds.get_builder("mnist")
+    builder = jv_tfds.get_builder("mnist", base.get_config().data)
     assert not jv_tfds.use_stream(builder, "train", base.get_config().data, 28)
   builder = jv_tfds.get_builder("jaxvision_tiny_test", config_for("", tiny_dir).data)
   assert jv_tfds.use_stream(builder, "train", base.get_config().data, 8)  # sizes vary
@@ -152,7 +152,7 @@ def test_missing_tfds_names_the_extra(monkeypatch):
 
 def test_unknown_tfds_dataset_is_named():
   with pytest.raises(ValueError, match="TFDS has no dataset 'no_such_dataset_xyz'"):
-    jv_tfds.get_builder("no_such_dataset_xyz")
+    jv_tfds.get_builder("no_such_dataset_xyz", base.get_config().data)
 
 
 def test_importing_jaxvision_and_local_sources_never_imports_tensorflow():

@@ -289,3 +289,31 @@ def test_train_mode_needs_a_dropout_rng_only_with_dropout():
   rngs = {"dropout": jax.random.key(0)}
   out = jax.eval_shape(lambda v, x: model.apply(v, x, train=True, rngs=rngs), variables, x)
   chex.assert_shape(out, (2, 10))
+
+
+def test_tokens_mode_returns_every_token_and_resamples_posemb_at_other_sizes():
+  model = create_model("vit_tiny")  # 32 px: 4x4 grid, class token first
+  large = create_model("vit_tiny", image_size=48)
+  params = _random_params(model, (2, 32, 32, 3), seed=3)
+  x, x48 = _images(2, seed=3), _images(2, size=48, seed=4)
+
+  @jax.jit
+  def run(p):
+    return (model.apply({"params": p}, x), model.apply({"params": p}, x, tokens=True),
+            model.apply({"params": p}, x48, tokens=True),
+            large.apply({"params": load_at_image_size(p, large)}, x48, tokens=True))
+
+  logits, tokens, tokens48, reference48 = run(params)
+  chex.assert_shape(tokens, (2, 1 + 16, 32))
+  head = params["head"]
+  np.testing.assert_allclose(tokens[:, 0] @ head["kernel"] + head["bias"], logits, atol=1e-4,
+                             rtol=1e-4)
+  # At 48 px the 4x4 embedding is resampled to 6x6, as load_at_image_size would store it.
+  chex.assert_shape(tokens48, (2, 1 + 36, 32))
+  np.testing.assert_allclose(tokens48, reference48, atol=1e-5, rtol=1e-5)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x48, tokens=True))["params"]
+  assert "head" not in abstract and abstract["pos_embed"].shape == (1, 17, 32)
+  with pytest.raises(ValueError, match="image_size=32"):
+    model.apply({"params": params}, x48)  # logits still need the size the model was built for
+  with pytest.raises(ValueError, match="patch_size=8"):
+    model.apply({"params": params}, _images(1, size=44), tokens=True)

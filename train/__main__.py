@@ -54,8 +54,20 @@ _MULTIHOST = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+_HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing; a bad flag, override or config file is reported in one line (exit 2)."""
+  """absl flag parsing; a bad flag, override or config file is reported in one line (exit 2).
+
+  A help request prints the flags and exits 0 (absl exits 1 for it).
+  """
+  if any(a in _HELP for a in argv[1:]):
+    try:
+      flags.FLAGS(argv)
+    except SystemExit:
+      pass
+    sys.exit(0)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -69,10 +81,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
       print(f"error: --config could not be loaded: {lines[-1]}", file=sys.stderr)
     elif isinstance(e, (AttributeError, KeyError, TypeError, ValueError)):
       overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-      # ml_collections names only the offending key; the overrides given help find it.
-      print(f"error: config override rejected: {str(e).strip(chr(34))} (no such key, or a value "
-            f"of the wrong type; overrides given: {', '.join(overrides) or 'none'})",
-            file=sys.stderr)
+      # ml_collections names only the offending key; the overrides given help find it. It wraps
+      # a KeyError, whose text is the repr of its message: take the message itself, on one line.
+      while e.args and isinstance(e.args[0], BaseException):
+        e = e.args[0]
+      text = str(e.args[0]) if e.args else str(e)
+      text = "; ".join(ln.strip() for ln in text.splitlines() if ln.strip())
+      print(f"error: config override rejected: {text} (no such key, or a value of the wrong "
+            f"type; overrides given: {', '.join(overrides) or 'none'})", file=sys.stderr)
     else:
       raise
   sys.exit(2)

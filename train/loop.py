@@ -24,7 +24,7 @@ from train import checkpoint as ckpt
 from train.build import build_model, build_task, check_model
 from train.optim import create_optimizer, create_schedule
 from train.parallel import create_executor, prefetch_to_device
-from train.report import Reporter
+from train.report import Reporter, run_summary
 from train.resolve import resolve
 from train.transfer import initialize_from
 
@@ -126,8 +126,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   reporter = Reporter(workdir, total_steps, enabled=is_main, progress=config.progress,
                       start_step=start_step)
-  if start_step:
-    reporter.message(f"resumed from step {start_step} ({manager.directory})")
+  parameters = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(executor.abstract_state.params))
+  reporter.message(run_summary(config, devices=executor.describe(), parameters=parameters,
+                               workdir=workdir, start_step=start_step))
   schedule = create_schedule(config)
   record = {"model": config.model, "dataset": config.dataset}
   if train_input.skipped:
@@ -157,6 +158,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         if len(pending) > MAX_STEPS_AHEAD:
           jax.block_until_ready(pending[-1 - MAX_STEPS_AHEAD])
         step += 1
+        reporter.advance(step)
         last = step == total_steps
 
         if step % config.log_every == 0 or last:

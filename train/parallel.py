@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxvision.models.init import compile_once
 from train import step as step_lib
 from train.state import create_train_state
 
@@ -91,6 +92,11 @@ class _Executor:
     """The state as saved: one global copy."""
     return self._unreplicate(state)
 
+  def describe(self) -> str:
+    """One line: the devices and how the step runs on them."""
+    kind = self._devices[0].device_kind
+    return f"{self.num_devices} x {kind}, {self._layout}"
+
   def host_scalar(self, x) -> float | int:
     """A scalar of the state (e.g. `state.step`) as a Python number on the host."""
     return np.asarray(jax.device_get(self._unreplicate(x))).item()
@@ -140,6 +146,8 @@ class MeshExecutor(_Executor):
         out_shardings=self.replicated,
     )
     self.num_devices = len(devices)
+    self._devices = devices
+    self._layout = f"jit over a mesh of data={data} x fsdp={fsdp}"
 
   def _leaf_sharding(self, leaf, fsdp: int) -> NamedSharding:
     if fsdp == 1 or leaf.size < _FSDP_MIN_SIZE:
@@ -153,7 +161,7 @@ class MeshExecutor(_Executor):
 
   def init_state(self, rng):
     """A fresh TrainState, created directly in its target sharding."""
-    return self._init(rng)
+    return compile_once(self._init, rng)(rng)
 
   def put_batch(self, batch: dict) -> dict:
     """Process-local numpy batch -> global jax.Arrays sharded over the mesh."""
@@ -197,6 +205,8 @@ class PmapExecutor(_Executor):
     )
     self._batch_sharding = NamedSharding(jax.sharding.Mesh(np.array(self.devices), ("d",)), P("d"))
     self.num_devices = num_devices
+    self._devices = devices
+    self._layout = f"pmap over {len(devices)} local devices x {jax.process_count()} processes"
 
   def _unreplicate(self, tree):
     """The first device's copy: after the pmean'd update and the psum all copies are equal."""
@@ -204,7 +214,7 @@ class PmapExecutor(_Executor):
 
   def init_state(self, rng):
     """A fresh TrainState, one copy per local device."""
-    return self.from_checkpoint(self._init(rng))
+    return self.from_checkpoint(compile_once(self._init, rng)(rng))
 
   def put_batch(self, batch: dict) -> dict:
     """Process-local numpy batch -> [local devices, per device, ...] arrays, one row per device."""

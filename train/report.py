@@ -12,6 +12,9 @@ import os
 import sys
 import time
 
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
+
 
 def _drop_rows_after(path: str, step: int) -> None:
   """Keeps the rows of `path` up to `step`: a resumed run redoes (and relogs) the steps after it.
@@ -66,20 +69,19 @@ class Reporter:
     path = os.path.join(workdir, "metrics.jsonl")
     _drop_rows_after(path, start_step)
     self._jsonl = open(path, "a", buffering=1)
-    try:
-      from tensorboardX import SummaryWriter
-
-      # purge_step hides events (step >= it) a previous attempt logged past the resumed step.
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
-    except ImportError:  # TensorBoard events are optional; metrics.jsonl is the interface
-      self._tb = None
+    # purge_step hides events (step >= it) a previous attempt logged past the resumed step.
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
     if progress == "auto":
-      progress = "bar" if sys.stderr.isatty() else "lines"
+      progress = "bar" if sys.stderr.isatty() or _in_notebook() else "lines"
     self.progress = progress
     if progress == "bar":
-      from tqdm import tqdm
-
+      # tqdm.auto: a widget in a notebook, a text bar on a terminal.
       self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, initial=start_step)
+
+  def advance(self, step: int) -> None:
+    """Moves the progress bar to `step` (a step dispatched, not waited for: no host sync)."""
+    if self._bar is not None:
+      self._bar.update(int(step) - self._bar.n)
 
   def write(self, step: int, split: str, metrics: dict) -> None:
     """Records `metrics` of `split` at `step` everywhere."""
@@ -122,6 +124,36 @@ class Reporter:
       self._tb.close()
     if self._jsonl is not None:
       self._jsonl.close()
+
+
+def run_summary(config, *, devices: str, parameters: int, workdir: str, start_step: int) -> str:
+  """The block printed before the first step: what runs where, on what, for how long."""
+  info = config.data_info
+  shape = "x".join(str(d) for d in info.image_shape)
+  epochs = (f" ({config.total_steps / info.steps_per_epoch:.3g} epochs)"
+            if info.steps_per_epoch else "")
+  evaluation = (f"eval_split {config.eval_split!r}: {info.eval_examples:,} examples"
+                if config.eval_split else "no eval split")
+  classes = f", {config.num_classes} classes" if config.num_classes else ""
+  names = list(info.class_names)
+  if names:
+    classes += f" ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})"
+  start = f"resumed from step {start_step}" if start_step else "new run"
+  return "\n".join([
+      f"{config.model} on {config.dataset} ({config.task}{classes})",
+      f"  devices   {devices}",
+      f"  model     {parameters:,} parameters, {config.dtype} compute",
+      f"  data      train_split {config.train_split!r}: {info.train_examples:,} examples; "
+      f"{evaluation}; images {shape}",
+      f"  schedule  {config.total_steps:,} steps of batch {config.batch_size}{epochs}, "
+      f"{config.optimizer} lr {config.learning_rate:g} ({config.schedule})",
+      f"  workdir   {workdir} ({start})",
+  ])
+
+
+def _in_notebook() -> bool:
+  """Whether this process is a Jupyter / Colab kernel (where tqdm.auto draws a widget)."""
+  return "ipykernel" in sys.modules
 
 
 def _fmt(value) -> str:

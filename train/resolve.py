@@ -11,13 +11,17 @@ The frozen config is what the run saves as config.json and builds everything fro
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import ml_collections
+import numpy as np
 
 from jaxvision.data import create_input
 from jaxvision.models import create_model
 from jaxvision.tasks import task_class
 from train.configuration import validate
+
+log = logging.getLogger("train")
 
 
 def _sized_by_input(model_name: str) -> bool:
@@ -58,4 +62,20 @@ def resolve(config, *, process_index: int = 0, process_count: int = 1):
       height, width = info.image_shape[:2]
       config.model_kwargs.image_size = height if height == width else (height, width)
     task_class(config.task).resolve(config, train_input)
+  for key, data in (("train_split", train_input), ("eval_split", eval_input)):
+    _warn_missing_classes(key, config[key], data, int(config.num_classes))
   return ml_collections.FrozenConfigDict(config), train_input, eval_input
+
+
+def _warn_missing_classes(key: str, split: str, data, num_classes: int) -> None:
+  """One line when a split has no example of some classes (e.g. a slice of sorted data)."""
+  counts = None if data is None else data.class_counts
+  if counts is None:
+    return
+  counts = np.pad(counts, (0, max(0, num_classes - len(counts))))
+  missing = np.nonzero(counts == 0)[0]
+  if len(missing):
+    names = data.class_names or tuple(str(i) for i in range(num_classes))
+    listed = ", ".join(str(names[i]) if i < len(names) else str(i) for i in missing[:10])
+    log.warning("%s=%r has no example of %d of the %d classes (%s%s)", key, split, len(missing),
+                num_classes, listed, ", ..." if len(missing) > 10 else "")

@@ -1,7 +1,7 @@
 """python -m train.viz KIND --workdir DIR [options]: figures of a trained run, as PNG files.
 
 KIND is one of
-  gradcam       Grad-CAM heat maps over eval images (any CNN; --layer picks the layer)
+  gradcam       Grad-CAM heat maps over eval images (CNNs; --layer picks the layer)
   attention     a ViT's class-token attention, one table of blocks x heads per eval image
   rollout       a ViT's attention rollout over eval images
   posemb        a ViT's position-embedding cosine similarities (no data needed)
@@ -38,20 +38,48 @@ from train.build import load_run
 KINDS = ("gradcam", "attention", "rollout", "posemb", "confusion", "curves", "segmentation")
 
 
+# Examples read to choose the drawn ones from: enough to find every class of a large split.
+_SCAN_LIMIT = 2000
+
+
+def spread_over_classes(labels: np.ndarray, num: int) -> np.ndarray:
+  """Indices of `num` examples taken in turn from each class (in class order), so a picture of
+  16 examples shows many classes even when the split is sorted by class."""
+  queues = [list(np.nonzero(labels == c)[0]) for c in np.unique(labels)]
+  picked: list[int] = []
+  while len(picked) < min(num, len(labels)):
+    for queue in queues:
+      if queue and len(picked) < num:
+        picked.append(int(queue.pop(0)))
+  return np.asarray(sorted(picked), np.int64)
+
+
 def eval_examples(config, split: str, num: int | None) -> dict[str, np.ndarray]:
-  """The first `num` examples (all when None) of `split`, transformed as the run evaluates them."""
+  """`num` examples (all when None) of `split`, transformed as the run evaluates them; with
+  image labels, spread over the classes (`spread_over_classes`)."""
   data = create_input(config, split, train=False)
   parts, total = [], 0
+  limit = None if num is None else max(num, _SCAN_LIMIT)
   for batch in data.eval_batches():
     keep = np.asarray(batch["valid"], bool)
     parts.append({k: np.asarray(v)[keep] for k, v in batch.items() if k in ("image", "label")})
     total += int(keep.sum())
-    if num is not None and total >= num:
+    if limit is not None and total >= limit:
       break
   if not parts or total == 0:
     raise ValueError(f"split {split!r} of {config.dataset} has no examples")
   out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-  return {k: v[:num] for k, v in out.items()} if num is not None else out
+  if num is None:
+    return out
+  pick = (spread_over_classes(out["label"], num) if out["label"].ndim == 1
+          else np.arange(min(num, total)))
+  return {k: v[pick] for k, v in out.items()}
+
+
+def class_names(config, num_classes: int) -> list[str]:
+  """The run's class names (folder names, TFDS label names), else the class indices."""
+  names = [str(n) for n in config.data_info.class_names]
+  return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
 
 
 def _predict(model, variables, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -61,10 +89,6 @@ def _predict(model, variables, images: np.ndarray, batch_size: int) -> np.ndarra
     out = apply(images[i:i + batch_size])
     outputs.append(np.asarray(out["logits"] if isinstance(out, dict) else out, np.float32))
   return np.concatenate(outputs)
-
-
-def _class_names(n: int) -> list[str]:
-  return [str(i) for i in range(n)]
 
 
 def run(kind: str, args) -> list[str]:
@@ -105,17 +129,23 @@ def run(kind: str, args) -> list[str]:
     print(json.dumps({k: [None if np.isnan(x) else round(float(x), 4) for x in v]
                       for k, v in stats.items() if k != "support"}
                      | {"support": [int(x) for x in stats["support"]]}))
-    fig = plots.confusion_figure(confusion, class_names=_class_names(logits.shape[-1]),
+    fig = plots.confusion_figure(confusion, class_names=class_names(config, logits.shape[-1]),
                                  dpi=args.dpi, title=f"{config.model} on {split}")
     return [plots.save_figure(fig, os.path.join(out, "confusion.png"))]
 
   if kind == "gradcam":
     result = gradcam(model, variables, images, layer=args.layer or None,
                      class_index=args.class_index)
-    predicted = np.asarray(result.class_index)
-    titles = [f"label {y} / cam {p}" for y, p in zip(data["label"], predicted, strict=True)]
-    fig = plots.overlay_grid(images, np.asarray(result.heatmaps), titles=titles, dpi=args.dpi,
-                             suptitle=f"Grad-CAM of {config.model} at layer {result.layer}")
+    names = class_names(config, int(np.asarray(result.logits).shape[-1]))
+    predicted = np.asarray(np.argmax(result.logits, -1))
+    titles = [f"true {names[y]}, predicted {names[p]}" for y, p in zip(
+        data["label"], predicted, strict=True)]
+    what = ("the predicted class" if args.class_index is None
+            else f"class {names[args.class_index]}")
+    fig = plots.overlay_grid(
+        images, np.asarray(result.heatmaps), titles=titles, dpi=args.dpi, suptitle=(
+            f"Grad-CAM of {config.model} at layer {result.layer}: where the evidence for "
+            f"{what} lies (red: strong, blue: none)"))
     return [plots.save_figure(fig, os.path.join(out, "gradcam.png"))]
 
   if kind in ("attention", "rollout"):
@@ -124,18 +154,23 @@ def run(kind: str, args) -> list[str]:
     prefix = model.num_prefix_tokens
     if kind == "rollout":
       maps = attention.rollout_map(attention.attention_rollout(weights), model.grid, prefix)
-      fig = plots.overlay_grid(images, np.asarray(attention.upsample(maps, size)), dpi=args.dpi,
-                               titles=[f"label {y}" for y in data["label"]],
-                               suptitle=f"attention rollout of {config.model}")
+      names = class_names(config, int(config.num_classes))
+      fig = plots.overlay_grid(
+          images, np.asarray(attention.upsample(maps, size)), dpi=args.dpi,
+          titles=[f"true {names[y]}" for y in data["label"]], suptitle=(
+              f"attention rollout of {config.model}: how much each patch feeds the class token "
+              "through all blocks (red: most)"))
       return [plots.save_figure(fig, os.path.join(out, "rollout.png"))]
     cls = np.asarray(attention.upsample(attention.cls_attention(weights, model.grid, prefix), size))
+    names = class_names(config, int(config.num_classes))
     paths = []
     for i in range(len(images)):
       table = cls[:, i]  # (blocks, heads, H, W)
       fig = plots.overlay_table(
           images[i], table, row_labels=[f"block {b}" for b in range(table.shape[0])],
           col_labels=[f"head {h}" for h in range(table.shape[1])], dpi=args.dpi,
-          title=f"{config.model}: class-token attention, example {i} (label {data['label'][i]})")
+          title=(f"{config.model}: the class token's attention to each patch, per block and head "
+                 f"(example {i}, true {names[data['label'][i]]}; each map scaled to its maximum)"))
       paths.append(plots.save_figure(fig, os.path.join(out, f"attention_{i:03d}.png")))
     return paths
 

@@ -10,10 +10,15 @@ per kind of leaf:
 
 Both sides fuse q, k and v in one projection laid out (3, heads, head_dim), so no reordering.
 Shape-changing options are read from the weights: `num_classes` (the head's rows; no head means
-0) and `image_size` (the learned `pos_embed`'s grid times the patch). Other options (pool,
-layer_scale, scan, ...) come from the variant and `**model_kwargs`. Matching timm models:
+0), `image_size` (the learned `pos_embed`'s grid times the patch), the pooling (`fc_norm.*`,
+`attn_pool.*` or no `cls_token`), layer-scale (`ls1.gamma`) and qkv bias; `**model_kwargs`
+override them and set the others (scan, dtype, ...). timm's `class_token=True,
+global_pool='avg'` without fc_norm cannot be told from the weights: pass pool='gap' (the Hub
+loader reads it from the repo's config.json). Matching timm models:
   pool='cls': timm's default `vit_*` (global_pool='token', class_token=True)
   pool='gap': global_pool='avg', class_token=False, fc_norm=False (norm before the mean)
+  pool='gap', fc_norm=True: global_pool='avg' with the norm after the mean (`fc_norm.*` keys);
+    with `cls_token` in the weights, class_token=True (the mean leaves the class token out)
   pool='map': global_pool='map', class_token=False
 Conversion of a `scan=True` model stacks the blocks (`jaxvision.models.vit.stack_blocks`).
 """
@@ -147,10 +152,27 @@ def assemble(
   return stack_blocks(params) if model.scan else params
 
 
-def _infer_kwargs(state_dict: dict[str, np.ndarray], model_kwargs: dict) -> dict:
+def infer_kwargs(state_dict: dict[str, np.ndarray], model_kwargs: dict) -> dict:
+  """`model_kwargs` completed with what a timm state dict's keys and shapes imply: num_classes,
+  image_size, the pooling (class token, mean with or without fc_norm, attention pool),
+  layer-scale and qkv bias."""
   kwargs = dict(model_kwargs)
   kwargs.setdefault("num_classes", state_dict["head.weight"].shape[0] if "head.weight" in
                     state_dict else 0)
+  if "fc_norm.weight" in state_dict:
+    kwargs.setdefault("pool", "gap")
+    kwargs.setdefault("fc_norm", True)
+  elif "attn_pool.latent" in state_dict:
+    kwargs.setdefault("pool", "map")
+  elif "cls_token" not in state_dict:
+    kwargs.setdefault("pool", "gap")
+  if kwargs.get("pool") == "gap" and "cls_token" in state_dict:
+    kwargs.setdefault("class_token", True)
+  if "blocks.0.ls1.gamma" in state_dict:
+    # Any value: it only initialises the layer-scale parameters that the weights replace.
+    kwargs.setdefault("layer_scale", 1.0)
+  if "blocks.0.attn.qkv.weight" in state_dict and "blocks.0.attn.qkv.bias" not in state_dict:
+    kwargs.setdefault("qkv_bias", False)
   if "pos_embed" in state_dict and "image_size" not in kwargs:
     patch = state_dict["patch_embed.proj.weight"].shape[-1]
     prefix = 1 if "cls_token" in state_dict else 0
@@ -161,7 +183,7 @@ def _infer_kwargs(state_dict: dict[str, np.ndarray], model_kwargs: dict) -> dict
 def from_torch(name: str, state_dict: dict[str, Any], **model_kwargs) -> dict:
   """A timm ViT state dict -> {'params': ...} of jaxvision variant `name` (strict key check)."""
   sd = {k: to_numpy(v) for k, v in state_dict.items()}
-  model = create_model(name, **_infer_kwargs(sd, model_kwargs))
+  model = create_model(name, **infer_kwargs(sd, model_kwargs))
   used: set[str] = set()
 
   def source(path: Path):

@@ -1,5 +1,6 @@
 """Datasets by URI (``digits``, ``tfds:NAME``, ``idx:DIR``, ``folder:DIR``, ``segfolder:DIR``,
-``synthetic:HxWxC:K``), split slicing, transforms and batching.
+``synthetic:HxWxC:K``; detection ``coco:DIR``, ``voc:DIR``, ``yolo:DIR``), split slicing,
+transforms and batching.
 
     train_input = create_input(config, config.train_split, train=True)
     for batch in train_input.train_batches(start_step): ...
@@ -24,6 +25,11 @@ SCHEMES = {
     "idx": "jaxvision.data.idx",
     "folder": "jaxvision.data.folder",
     "segfolder": "jaxvision.data.segfolder",
+    "coco": "jaxvision.data.coco",
+    "voc": "jaxvision.data.voc",
+    "yolo": "jaxvision.data.yolo",
+    "coco_captions": "jaxvision.data.coco_captions",
+    "flickr": "jaxvision.data.flickr",
 }
 
 

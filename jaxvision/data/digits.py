@@ -8,11 +8,29 @@ slice is then a random held-out set, as with ``train_test_split(shuffle=True)``.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits
 
 from jaxvision.data.source import ArraySource
+
+
+def read_digits() -> tuple[np.ndarray, np.ndarray]:
+  """(images [1797, 8, 8] float 0..16, labels [1797] int) of scikit-learn's bundled digits.
+
+  Read from the data file scikit-learn ships (what `sklearn.datasets.load_digits` parses),
+  found without importing scikit-learn: its import costs more CPU time than a LeNet step's
+  compilation, and this is the trainer's default dataset.
+  """
+  spec = importlib.util.find_spec("sklearn")
+  if spec is None or not spec.submodule_search_locations:
+    raise ValueError("dataset 'digits' needs scikit-learn (pip install scikit-learn)")
+  path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data",
+                      "digits.csv.gz")
+  table = np.loadtxt(path, delimiter=",")
+  return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int32)
 
 
 def load(arg: str, split: str, image_size: int | None = None,
@@ -21,15 +39,14 @@ def load(arg: str, split: str, image_size: int | None = None,
   del data_config
   if arg:
     raise ValueError(f"dataset 'digits' takes no argument, got 'digits:{arg}'")
-  bunch = load_digits()
-  images = bunch.images.astype(np.float32) / 16.0  # pixel values are 0..16
+  images, labels = read_digits()
+  images = images.astype(np.float32) / 16.0  # pixel values are 0..16
   if image_size and image_size != images.shape[1]:
     images = np.stack([
         np.asarray(Image.fromarray(im, mode="F").resize((image_size, image_size), Image.BILINEAR))
         for im in images
     ])
   images = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)[..., None]
-  labels = bunch.target.astype(np.int32)
   order = np.random.default_rng(0).permutation(len(labels))
   return {
       "train": ArraySource(images[order], labels[order], num_classes=10, ids=order.astype(np.int64),

@@ -4,8 +4,12 @@ Two layouts:
   DIR/CLASS/*.jpg                  one split, 'train' (hold out with slicing: 'train[90%:]')
   DIR/SPLIT/CLASS/*.jpg            one split per sub-folder when DIR/train holds class folders
                                    (e.g. ImageNet's train/ and val/); classes come from train/.
-Class ids follow the sorted class-folder names. Every file's header is read up front, so a file
-that is not an image stops the run before training starts (or is skipped with data.skip_bad).
+Class ids follow the sorted class-folder names. Each split's files are put in a stratified order
+(classes interleaved in proportion, each class's files shuffled with a fixed seed), so any slice
+such as 'train[:80%]' / 'train[80%:]' holds every class in its share, the same on every run and
+every process; sorted by class, 'train[80%:]' would be the last classes only. Every file's
+header is read up front, so a file that is not an image stops the run before training starts (or
+is skipped with data.skip_bad).
 When the decoded images fit in data.cache_mb they are decoded once and kept in memory (a corrupt
 pixel stream is then found up front too); larger folders are decoded batch by batch.
 """
@@ -81,8 +85,23 @@ def list_files(root: str) -> tuple[tuple[str, ...], dict[str, tuple[list[str], n
       labels += [index[c]] * len(files)
     if not paths:
       raise ValueError(f"split folder {path} has no class sub-folders with images")
-    splits[name] = (paths, np.asarray(labels, np.int32))
+    order = stratified_order(np.asarray(labels, np.int32))
+    splits[name] = ([paths[i] for i in order], np.asarray(labels, np.int32)[order])
   return classes, splits
+
+
+def stratified_order(labels: np.ndarray, seed: int = 0) -> np.ndarray:
+  """An order of the examples in which every contiguous slice holds each class in proportion.
+
+  Each class's examples are shuffled (fixed `seed`) and spread evenly over [0, 1): the k-th of a
+  class of n sits at (k + 1/2) / n; the examples are then sorted by that position (ties by class).
+  """
+  rng = np.random.default_rng(seed)
+  position = np.empty(len(labels), np.float64)
+  for c in np.unique(labels):
+    members = rng.permutation(np.nonzero(labels == c)[0])
+    position[members] = (np.arange(len(members)) + 0.5) / len(members)
+  return np.lexsort((labels, position))
 
 
 def load(

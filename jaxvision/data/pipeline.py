@@ -65,6 +65,9 @@ class ArrayInput:
   def from_config(cls, config, source, *, train: bool, process_index: int = 0,
                   process_count: int = 1) -> ArrayInput:
     """The input of `source` with the run config's batch size, transform, seed and prefetch."""
+    if not train and config.eval_batch_size < 1:
+      raise ValueError(f"config.eval_batch_size={config.eval_batch_size}: set it, or resolve the "
+                       "config first (train.resolve), which makes it batch_size")
     return cls(
         source,
         global_batch_size=config.batch_size if train else config.eval_batch_size,
@@ -98,6 +101,14 @@ class ArrayInput:
   def image_shape(self) -> tuple[int, int, int]:
     """(H, W, C) of the training images the transform delivers."""
     return (self.image_size, self.image_size, int(self.source.channels))
+
+  @property
+  def class_counts(self) -> np.ndarray | None:
+    """Examples per class of the split (None for labels that are not one class per image)."""
+    labels = np.asarray(self.source.labels)
+    if labels.ndim != 1:
+      return None
+    return np.bincount(labels, minlength=self.source.num_classes)
 
   @property
   def class_names(self) -> tuple[str, ...]:

@@ -7,7 +7,6 @@ with (bi)cubic splines and the mask with nearest neighbours (order 0), so class 
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 
 def crop(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator | None):
@@ -50,6 +49,8 @@ def rot90(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
 
 def _cubic_weights(grid: int, n: int) -> np.ndarray:
   """[n, grid] weights that interpolate `grid` control values onto n pixels with a cubic spline."""
+  from scipy import ndimage  # here: its import costs every run ~0.7 s, and only this needs it
+
   positions = np.linspace(0, grid - 1, n)
   basis = np.eye(grid)
   return np.stack([
@@ -70,6 +71,8 @@ def displacement_field(shape: tuple[int, int], rng: np.random.Generator, sigma: 
 def elastic(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, sigma: float = 10.0,
             grid: int = 3):
   """Elastic deformation as in the U-Net paper (Ronneberger et al. 2015), applied to both."""
+  from scipy import ndimage  # see _cubic_weights
+
   h, w = mask.shape
   dy, dx = displacement_field((h, w), rng, sigma, int(grid))
   yy, xx = np.meshgrid(

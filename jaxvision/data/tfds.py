@@ -15,6 +15,7 @@ import re
 
 import numpy as np
 
+from jaxvision.data import tfds_detection
 from jaxvision.data.source import ArraySource, select_split
 from jaxvision.data.splits import split_indices
 
@@ -40,7 +41,7 @@ def import_tf():
   return tf, tfds
 
 
-def get_builder(name: str, data_config=None):
+def get_builder(name: str, data_config):
   """The TFDS builder of `name` (with its data_dir from data.tfds_dir)."""
   if not name:
     raise ValueError("dataset 'tfds:' needs a dataset name, e.g. tfds:mnist")
@@ -141,11 +142,16 @@ def load(
 ) -> dict[str, ArraySource]:
   """The named splits that `split` refers to, each read whole into an ArraySource."""
   del image_size
-  return _named_sources(get_builder(arg, data_config), split)
+  builder = get_builder(arg, data_config)
+  if tfds_detection.is_detection(builder):
+    return tfds_detection.load(builder, split, data_config)
+  return _named_sources(builder, split)
 
 
-def materialise(builder, split: str) -> ArraySource:
+def materialise(builder, split: str, data_config=None) -> ArraySource:
   """The selection only (not the whole named splits), with the ids select_split would give."""
+  if tfds_detection.is_detection(builder):
+    return tfds_detection.materialise(builder, split, data_config)
   sizes = split_sizes(builder)
   if not sizes:  # sizes unknown (mocked info): read the named splits and slice here
     return select_split(_named_sources(builder, split), split)
@@ -165,6 +171,8 @@ def materialise(builder, split: str) -> ArraySource:
 
 def use_stream(builder, split: str, data_config, image_size: int) -> bool:
   """Whether `split` is streamed (True) or read into memory (False), per data.stream."""
+  if tfds_detection.is_detection(builder):  # read into memory, images kept encoded
+    return False
   mode = data_config.stream
   if mode not in ("auto", "always", "never"):
     raise ValueError(f"data.stream={mode!r}: choose 'auto', 'always' or 'never'")

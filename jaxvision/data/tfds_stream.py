@@ -67,6 +67,7 @@ class TfdsStream:
       )
     self.task = "classification"
     self.class_names = tfds_source.class_names_of(builder)
+    self.class_counts = None  # unknown without reading every record
     self.skipped: list[str] = []
     self.prepare = lambda batch: batch
     shape = builder.info.features[self.image_key].shape

@@ -1,4 +1,5 @@
 """Grad-CAM (Selvaraju et al., 2017) for any CNN of the registry, with no change to the model.
+(Vision Transformers have no spatial feature map: see jaxvision.interpret.attention.)
 
 The class score's gradient with respect to a layer's activations A (B, h, w, C), averaged over
 the positions, gives one weight per channel; the weighted sum of the channels, rectified, is the
@@ -32,6 +33,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
+
+from jaxvision.models.vit import VisionTransformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,15 +71,8 @@ def _module_path(module: nn.Module) -> str:
   return "/".join(str(p) for p in module.path)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-  flat = {}
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else str(key)
-    if isinstance(value, dict) or hasattr(value, "items"):
-      flat.update(_flatten(dict(value), path))
-    else:
-      flat[path] = value
-  return flat
+def _flatten(tree) -> dict[str, object]:
+  return traverse_util.flatten_dict(dict(tree), sep="/")
 
 
 def perturbation_layers(model: nn.Module, variables: dict, images: jax.Array) -> dict[str, tuple]:
@@ -133,7 +130,7 @@ def _forward(model, variables, images, layer: str, perturbed: dict, delta=None):
     if delta is not None:
       zeros = jax.tree.map(lambda s: jnp.zeros(s, jnp.float32), perturbed)
       zeros[layer] = delta
-      variables["perturbations"] = _unflatten(zeros)
+      variables["perturbations"] = traverse_util.unflatten_dict(zeros, sep="/")
     output, state = model.apply(variables, images, train=False, mutable=["intermediates"])
     sown = _flatten(dict(state.get("intermediates", {}))).get(layer)
     if isinstance(sown, tuple):  # sow appends to a tuple
@@ -157,17 +154,6 @@ def _forward(model, variables, images, layer: str, perturbed: dict, delta=None):
   with nn.intercept_methods(add_delta):
     output = model.apply(variables, images, train=False)
   return output, seen[0]
-
-
-def _unflatten(flat: dict) -> dict:
-  tree: dict = {}
-  for path, value in flat.items():
-    *parents, leaf = path.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
 
 
 def layer_table(model: nn.Module, variables: dict, images: jax.Array) -> tuple[dict, dict]:
@@ -311,6 +297,11 @@ def gradcam(
   images = jnp.asarray(images)
   if images.ndim != 4:
     raise ValueError(f"images must be (B, H, W, C), got shape {tuple(images.shape)}")
+  if isinstance(model, VisionTransformer):
+    # Its blocks hold token sequences and (B, heads, N, N) attention weights, not feature maps:
+    # a "heat map" of either is an artefact (streaks along the token order).
+    raise ValueError("Grad-CAM needs a CNN's spatial feature map and a Vision Transformer has "
+                     "none; use `python -m train.viz rollout` or `attention` for a ViT")
   table = layer_table(model, variables, images)
   layer = layer or default_layer(model, variables, images, table=table)
   activations, grads, chosen, logits = layer_gradients(

@@ -13,6 +13,9 @@ Two views of a `segmenter_mask_*` model, each `(model, variables, images) -> map
     embeddings, so a map sums to at most 1 over the patches.
 
 `mask_attention_figure` draws either over the images: one row per image, one column per class.
+Images of another size than the model's `image_size` go through it in one pass, with the position
+embedding resampled (a model's `eval_margin` windows are not used), so pass training-size crops
+to see exactly what the trained model sees.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ def _check(model, images) -> jax.Array:
 
 @functools.lru_cache(maxsize=8)
 def _intermediates_fn(model):
+  # One pass over the whole image: windowed evaluation would sow one set of maps per window.
+  model = model.clone(eval_margin=None)
+
   def run(variables, images):
     _, state = model.apply(variables, images, train=False, mutable=["intermediates"])
     return state["intermediates"]

@@ -109,6 +109,7 @@ class EncoderBlock(nn.Module):
     drop_path: stochastic-depth rate of both residual branches.
     layer_scale: initial layer-scale value; None (or 0) for no layer-scale.
     qkv_bias: bias on the qkv projection.
+    ln_epsilon: epsilon of both LayerNorms.
     attention_impl: 'fused' | 'xla' | 'cudnn' | 'explicit' (see jaxvision.layers.attention).
     dtype: computation dtype.
     param_dtype: parameter dtype.
@@ -121,6 +122,7 @@ class EncoderBlock(nn.Module):
   drop_path: float = 0.0
   layer_scale: float | None = None
   qkv_bias: bool = True
+  ln_epsilon: float = LN_EPSILON
   attention_impl: str = "fused"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -130,7 +132,7 @@ class EncoderBlock(nn.Module):
     """`drop_path_rate` (possibly traced) overrides `drop_path`: nn.scan feeds one per layer."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     rate = self.drop_path if drop_path_rate is None else drop_path_rate
-    y = nn.LayerNorm(epsilon=LN_EPSILON, name="norm1", **kw)(x)
+    y = nn.LayerNorm(epsilon=self.ln_epsilon, name="norm1", **kw)(x)
     y = MultiHeadSelfAttention(
         self.num_heads, qkv_bias=self.qkv_bias, attention_dropout=self.attention_dropout,
         dropout=self.dropout, impl=self.attention_impl, name="attn", **kw,
@@ -138,7 +140,7 @@ class EncoderBlock(nn.Module):
     if self.layer_scale:
       y = LayerScale(self.layer_scale, self.param_dtype, name="ls1")(y)
     x = x + DropPath(name="drop_path1")(y, train=train, rate=rate)
-    y = nn.LayerNorm(epsilon=LN_EPSILON, name="norm2", **kw)(x)
+    y = nn.LayerNorm(epsilon=self.ln_epsilon, name="norm2", **kw)(x)
     y = Mlp(self.mlp_dim, dropout=self.dropout, name="mlp", **kw)(y, train=train)
     if self.layer_scale:
       y = LayerScale(self.layer_scale, self.param_dtype, name="ls2")(y)

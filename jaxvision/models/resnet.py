@@ -210,6 +210,24 @@ def wide_resnet50_2(**kwargs) -> ResNet:
   return _resnet((3, 4, 6, 3), "bottleneck", width_per_group=128, **kwargs)
 
 
+@register_model(paper="Xie et al. 2017, Aggregated residual transformations (ResNeXt)")
+def resnext101_32x8d(**kwargs) -> ResNet:
+  """ResNeXt-101 32x8d: ResNet-101 with 32 groups of width 8 in the 3x3 convolutions."""
+  return _resnet((3, 4, 23, 3), "bottleneck", groups=32, width_per_group=8, **kwargs)
+
+
+@register_model(paper="Xie et al. 2017, Aggregated residual transformations (ResNeXt)")
+def resnext101_64x4d(**kwargs) -> ResNet:
+  """ResNeXt-101 64x4d: ResNet-101 with 64 groups of width 4 in the 3x3 convolutions."""
+  return _resnet((3, 4, 23, 3), "bottleneck", groups=64, width_per_group=4, **kwargs)
+
+
+@register_model(paper="Zagoruyko & Komodakis 2016, Wide residual networks")
+def wide_resnet101_2(**kwargs) -> ResNet:
+  """Wide ResNet-101-2: ResNet-101 with bottlenecks twice as wide."""
+  return _resnet((3, 4, 23, 3), "bottleneck", width_per_group=128, **kwargs)
+
+
 @register_model(input_shape=(32, 32, 3), num_classes=10, paper=_PAPER)
 def resnet_tiny(**kwargs) -> ResNet:
   """Test variant: one basic block per stage, widths 8-64."""

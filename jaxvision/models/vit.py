@@ -7,9 +7,10 @@ tokens ('gap') or an attention-pooled vector ('map').
 
 Every variant comes from ONE size table: `vit_b16` is size 'B' with 16-pixel patches. Parameter
 names follow timm so that conversion is a rename: `patch_embed/proj`, `cls_token`, `pos_embed`,
-`blocks_{i}/{norm1, attn/qkv, attn/proj, ls1, norm2, mlp/fc1, mlp/fc2, ls2}`, `norm`,
-`attn_pool`, `head`. With `scan=True` the blocks are one `blocks` module whose parameters carry a
-leading depth axis; `stack_blocks` / `unstack_blocks` move between the two layouts.
+`blocks_{i}/{norm1, attn/qkv, attn/proj, ls1, norm2, mlp/fc1, mlp/fc2, ls2}`, `norm` (or
+`fc_norm` after the pooling), `attn_pool`, `head`. With `scan=True` the blocks are one `blocks`
+module whose parameters carry a leading depth axis; `stack_blocks` / `unstack_blocks` move
+between the two layouts.
 
 Weights: `jaxvision.convert.from_torch` / `to_torch` (timm `vit_*` state dicts) and
 `jaxvision.convert.vit_npz.from_vit_npz` (the official `.npz` checkpoints); at another image size,
@@ -56,12 +57,17 @@ class VisionTransformer(nn.Module):
     num_heads: attention heads.
     mlp_dim: MLP hidden width; None gives 4 * width.
     pool: 'cls' (class token), 'gap' (mean of the tokens) or 'map' (attention pooling).
+    fc_norm: with pool='gap', the final LayerNorm comes after the mean (named `fc_norm`)
+      instead of before it (`norm`), as timm's global-average-pool ViTs with `fc_norm` do.
+    class_token: prepend a class token; None means only with pool='cls'. With pool='gap' the
+      mean leaves it out (timm's `class_token=True, global_pool='avg'` models).
     posemb: 'learn', 'sincos2d' or 'sincos1d' (fixed, no parameters).
     dropout: dropout after the position embedding, attention projection and MLP layers.
     attention_dropout: dropout on the attention weights.
     drop_path: stochastic-depth rate of the last block (linear from 0 over the depth).
     layer_scale: initial layer-scale value, None for none.
     qkv_bias: bias on the qkv projections.
+    ln_epsilon: epsilon of every LayerNorm (1e-6 as timm; Hugging Face's ViTModel uses 1e-12).
     attention_impl: 'fused' (jax.nn.dot_product_attention picks), 'xla', 'cudnn' or 'explicit'
       (sows the attention weights, see `attention_maps`).
     remat: recompute each block's activations in the backward pass (saves memory).
@@ -78,12 +84,15 @@ class VisionTransformer(nn.Module):
   num_heads: int = 12
   mlp_dim: int | None = None
   pool: str = "cls"
+  fc_norm: bool = False
+  class_token: bool | None = None
   posemb: str = "learn"
   dropout: float = 0.0
   attention_dropout: float = 0.0
   drop_path: float = 0.0
   layer_scale: float | None = None
   qkv_bias: bool = True
+  ln_epsilon: float = LN_EPSILON
   attention_impl: str = "fused"
   remat: bool = False
   scan: bool = False
@@ -93,54 +102,77 @@ class VisionTransformer(nn.Module):
   @property
   def num_prefix_tokens(self) -> int:
     """Tokens before the patch tokens: 1 for the class token, else 0."""
-    return 1 if self.pool == "cls" else 0
+    has_cls = self.pool == "cls" if self.class_token is None else self.class_token
+    return 1 if has_cls else 0
 
   @property
   def grid(self) -> tuple[int, int]:
     """Patch grid (rows, cols) at `image_size`."""
     return patch_grid(self.image_size, self.patch_size)
 
-  def _check(self, x):
+  def _check(self, x, any_size: bool = False):
     if self.pool not in POOLS:
       raise ValueError(f"ViT pool={self.pool!r}; choose from {POOLS}")
     if self.posemb not in POSEMBS:
       raise ValueError(f"ViT posemb={self.posemb!r}; choose from {POSEMBS}")
+    if self.fc_norm and self.pool != "gap":
+      raise ValueError(f"ViT fc_norm=True needs pool='gap', got pool={self.pool!r}")
+    if self.pool == "cls" and self.class_token is False:
+      raise ValueError("ViT pool='cls' needs the class token; class_token=False contradicts it")
     check_impl(self.attention_impl)
     if self.depth < 1 or self.width % self.num_heads:
       raise ValueError(f"ViT depth={self.depth}, width={self.width}, num_heads={self.num_heads}: "
                        "need depth >= 1 and width divisible by num_heads")
     if not 0.0 <= self.drop_path < 1.0:
       raise ValueError(f"ViT drop_path={self.drop_path} must be in [0, 1)")
-    if x.ndim != 4 or tuple(x.shape[1:3]) != to_pair(self.image_size):
+    if x.ndim != 4:
+      raise ValueError(f"ViT expects NHWC input, got shape {tuple(x.shape)}")
+    if not any_size and tuple(x.shape[1:3]) != to_pair(self.image_size):
       raise ValueError(f"ViT built for image_size={self.image_size} got input of shape "
                        f"{tuple(x.shape)} (want NHWC); build it at that size and "
                        "load weights with load_at_image_size")
 
   @nn.compact
-  def __call__(self, x, *, train: bool = False):
-    self._check(x)
+  def __call__(self, x, *, train: bool = False, tokens: bool = False):
+    """Logits (B, num_classes), or the pooled (B, width) features when num_classes is 0.
+
+    `tokens=True` returns every token instead, (B, prefix + rows * cols, width) with the class
+    token first, after the final `norm` (none with fc_norm), and creates no pooling or head. It
+    takes inputs of any size that the patches tile: the learned position embedding (kept at
+    `image_size`'s grid) is resampled bilinearly to the input's grid, as dense-prediction models
+    (Segmenter) do.
+    """
+    self._check(x, any_size=tokens)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    d, grid = self.width, self.grid
+    d, prefix = self.width, self.num_prefix_tokens
+    grid = patch_grid(x.shape[1:3], self.patch_size)
     x = PatchEmbed(d, self.patch_size, name="patch_embed", **kw)(x.astype(self.dtype))
-    if self.num_prefix_tokens:
+    if prefix:
       cls = self.param("cls_token", nn.initializers.zeros, (1, 1, d), self.param_dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, d)), x], 1)
     if self.posemb == "learn":
-      pe = self.param("pos_embed", nn.initializers.normal(0.02), (1, x.shape[1], d),
+      rows, cols = self.grid
+      pe = self.param("pos_embed", nn.initializers.normal(0.02), (1, prefix + rows * cols, d),
                       self.param_dtype)
+      pe = resample_posemb(pe, grid, num_prefix_tokens=prefix, old_grid=self.grid)
     else:
-      pe = jnp.asarray(fixed_posemb(self.posemb, grid, d, self.num_prefix_tokens))
+      pe = jnp.asarray(fixed_posemb(self.posemb, grid, d, prefix))
     x = x + pe.astype(self.dtype)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     self.sow("intermediates", "embedded", x)
 
     x = self._encode(x, train)
-    x = nn.LayerNorm(epsilon=LN_EPSILON, name="norm", **kw)(x)
+    if not self.fc_norm:
+      x = nn.LayerNorm(epsilon=self.ln_epsilon, name="norm", **kw)(x)
     self.sow("intermediates", "encoded", x)
+    if tokens:
+      return x
     if self.pool == "cls":
       x = x[:, 0]
     elif self.pool == "gap":
-      x = jnp.mean(x, axis=1)
+      x = jnp.mean(x[:, prefix:], axis=1)
+      if self.fc_norm:
+        x = nn.LayerNorm(epsilon=self.ln_epsilon, name="fc_norm", **kw)(x)
     else:
       x = AttentionPool(self.num_heads, self._mlp_dim, attention_impl=self.attention_impl,
                         name="attn_pool", **kw)(x, train=train)
@@ -158,8 +190,8 @@ class VisionTransformer(nn.Module):
     block = dict(
         num_heads=self.num_heads, mlp_dim=self._mlp_dim, dropout=self.dropout,
         attention_dropout=self.attention_dropout, layer_scale=self.layer_scale,
-        qkv_bias=self.qkv_bias, attention_impl=self.attention_impl, dtype=self.dtype,
-        param_dtype=self.param_dtype,
+        qkv_bias=self.qkv_bias, ln_epsilon=self.ln_epsilon, attention_impl=self.attention_impl,
+        dtype=self.dtype, param_dtype=self.param_dtype,
     )
     # Stochastic depth grows linearly with depth (DeiT / timm): early blocks are rarely dropped.
     rates = np.linspace(0.0, self.drop_path, self.depth)

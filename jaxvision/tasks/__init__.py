@@ -15,6 +15,8 @@ TASKS = {
     "classification": "jaxvision.tasks.classification:ClassificationTask",
     "segmentation": "jaxvision.tasks.segmentation:SegmentationTask",
     "multitask": "jaxvision.tasks.multitask:MultiTask",
+    "captioning": "jaxvision.tasks.captioning:CaptioningTask",
+    "detection": "jaxvision.tasks.detection:DetectionTask",
 }
 
 

@@ -22,7 +22,6 @@ softmax head has K + 1, column 0 the background (`num_model_classes`).
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -234,25 +233,31 @@ class DetectionTask(TaskBase):
             "detections": jnp.sum(predictions["valid"] & valid[:, None])}
 
   def eval_examples(self, predictions: dict, batch: dict) -> dict[str, jax.Array]:
-    """Per example: the detections, the padded ground truth in original pixels, its masks, the
-    image id and whether the example is real (for COCO evaluation on the host)."""
+    """Per example: the detections, the padded ground truth in original pixels, its masks (and
+    the annotations' areas when the batch has `box_area`), the image id and whether the example
+    is real (for COCO evaluation on the host)."""
     gt = to_original(batch["boxes"].astype(jnp.float32), batch["scale"][:, None, :],
                      batch["offset"][:, None, :])
-    return {"det_boxes": predictions["boxes"], "det_scores": predictions["scores"],
-            "det_classes": predictions["classes"], "det_valid": predictions["valid"],
-            "gt_boxes": jnp.where(batch["box_valid"][..., None], gt, 0.0),
-            "gt_classes": batch["classes"], "gt_valid": batch["box_valid"],
-            "gt_ignore": batch["box_ignore"], "id": batch["id"], "valid": batch["valid"]}
+    examples = {"det_boxes": predictions["boxes"], "det_scores": predictions["scores"],
+                "det_classes": predictions["classes"], "det_valid": predictions["valid"],
+                "gt_boxes": jnp.where(batch["box_valid"][..., None], gt, 0.0),
+                "gt_classes": batch["classes"], "gt_valid": batch["box_valid"],
+                "gt_ignore": batch["box_ignore"], "id": batch["id"], "valid": batch["valid"]}
+    if "box_area" in batch:  # COCO's segment areas decide small / medium / large
+      examples["gt_area"] = batch["box_area"]
+    return examples
 
   def finalize(self, sums: dict, examples: dict) -> dict[str, float]:
-    """COCO AP / AR of every valid example (crowd / difficult boxes as COCO's iscrowd)."""
+    """COCO AP / AR of every valid example (crowd / difficult boxes as COCO's iscrowd; sizes
+    from the annotations' areas when given, else the boxes')."""
     del sums
     from jaxvision.detection.coco_eval import coco_evaluate, from_padded
 
     e = {k: np.asarray(v) for k, v in examples.items()}
     dets, gts = from_padded(e["id"], e["det_boxes"], e["det_scores"], e["det_classes"],
                             e["det_valid"], e["gt_boxes"], e["gt_classes"], e["gt_valid"],
-                            gt_ignore=e["gt_ignore"], example_valid=e["valid"])
+                            gt_ignore=e["gt_ignore"], gt_area=e.get("gt_area"),
+                            example_valid=e["valid"])
     metrics = coco_evaluate(dets, gts)
     return {name: float(metrics[name]) for name in METRICS}
 
@@ -263,20 +268,20 @@ class DetectionTask(TaskBase):
     return self.pictures
 
   def save_pictures(self, path_prefix: str, batch: dict, predictions: Any) -> list[str]:
-    """One PNG per example: the input image with its detections (and ground truth) drawn."""
+    """One PNG per example: the model's input image with its detections (class name and score)
+    and the ground truth (white) drawn; files `{path_prefix}{i}.png`."""
     from jaxvision.detection.draw import save_detections
 
+    names = self.class_names or None
     paths = []
     for i in range(len(batch["image"])):
-      scale, offset = np.asarray(batch["scale"][i]), np.asarray(batch["offset"][i])
       # Predictions are in original pixels; the picture is the model's input.
-      boxes = np.asarray(predictions["boxes"][i]) * np.tile(scale, 2) + np.tile(offset, 2)
-      keep = np.asarray(predictions["valid"][i])
-      path = f"{path_prefix}{i}.png"
-      save_detections(path, np.asarray(batch["image"][i]), boxes[keep],
-                      np.asarray(predictions["scores"][i])[keep],
-                      np.asarray(predictions["classes"][i])[keep],
-                      class_names=self.class_names,
-                      gt_boxes=np.asarray(batch["boxes"][i])[np.asarray(batch["box_valid"][i])])
-      paths.append(os.fspath(path))
+      scale, offset = np.tile(batch["scale"][i], 2), np.tile(batch["offset"][i], 2)
+      boxes = np.asarray(predictions["boxes"][i]) * scale + offset
+      paths.append(save_detections(
+          f"{path_prefix}{i}.png", np.asarray(batch["image"][i]), boxes,
+          np.asarray(predictions["scores"][i]), np.asarray(predictions["classes"][i]),
+          valid=np.asarray(predictions["valid"][i]), class_names=names,
+          gt_boxes=np.asarray(batch["boxes"][i]), gt_classes=np.asarray(batch["classes"][i]),
+          gt_valid=np.asarray(batch["box_valid"][i])))
     return paths

@@ -1,0 +1,45 @@
+"""The object-detection core: pure functions on NumPy (host) and JAX (device) arrays.
+
+    boxes        box formats (xyxy, xywh, cxcywh) and `convert`; `area`; `pairwise_iou` /
+                 `pairwise_giou` and their `elementwise_*` forms; `clip` to the image;
+                 `to_original` (transformed-image boxes back to original pixels)
+    coders       `DeltaCoder(weights)` (torchvision BoxCoder: SSD (10, 10, 5, 5), RetinaNet
+                 (1, 1, 1, 1), log-size clamp) and `LTRBCoder` (FCOS's BoxLinearCoder)
+    anchors      host-side NumPy constants, equal to torchvision's: `ssd_default_boxes`
+                 (SSD300: 8732), `retinanet_anchors`, `fcos_anchors` + `fcos_scale_ranges`,
+                 the generic `grid_anchors`, and `feature_shapes` of an input size; each returns
+                 an `AnchorSet` (boxes [N, 4], level_sizes, strides, per_location)
+    matchers     per image, padded ground truth with a valid mask: `iou_matcher` (RetinaNet),
+                 `ssd_matcher`, `fcos_matcher`; `matched_targets`
+    losses       `sigmoid_focal_loss`, `smooth_l1_loss`, `l1_loss`, `giou_loss`,
+                 `softmax_cross_entropy`, `hard_negatives`, `centerness_targets`, and the
+                 complete `ssd_loss`, `retinanet_loss`, `fcos_loss` (torchvision's compute_loss)
+    nms          greedy NMS on device with static shapes: `nms`, `batched_nms` (per class with
+                 `classes`; fixed `max_outputs` with a valid mask)
+    postprocess  raw head outputs -> fixed-size detections {'boxes', 'scores', 'classes',
+                 'valid'}: `sigmoid_detections` (RetinaNet), `fcos_detections`,
+                 `softmax_detections` (SSD); `to_original` maps them to original pixels
+    coco_eval    COCO AP / AR in NumPy, equal to pycocotools' COCOeval: `coco_evaluate`,
+                 `from_padded` (the detection task's padded arrays -> per-box rows)
+    voc_eval     Pascal VOC AP50 (11-point and all-point): `voc_evaluate`
+    draw         detections (and optional ground truth) drawn on an image with PIL:
+                 `draw_detections`, `save_detections`
+
+Submodules are imported on first use; coco_eval, voc_eval and draw compute with NumPy only.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+SUBMODULES = ("anchors", "boxes", "coco_eval", "coders", "draw", "losses", "matchers", "nms",
+              "postprocess", "voc_eval")
+
+
+def __getattr__(name: str):
+  if name in SUBMODULES:
+    return importlib.import_module(f"{__name__}.{name}")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = list(SUBMODULES)
