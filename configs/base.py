@@ -55,6 +55,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.stream = "auto"  # tfds: auto (stream if over cache_mb or sizes vary) | always | never
   c.data.shuffle_buffer = 16384  # tfds streaming: examples in the shuffle buffer
   c.data.tfds_dir = ""  # tfds: data_dir of prepared datasets ('': TFDS default, $TFDS_DATA_DIR)
+  # Largest image (width x height) a file may have: larger ones stop the run with one line naming
+  # the file (or are skipped with skip_bad) before any pixel is decoded. 0: PIL's own
+  # decompression-bomb limit, PIL.Image.MAX_IMAGE_PIXELS (89.5 million); above it, PIL's is raised.
+  c.data.max_image_pixels = 0
+  # segfolder: the mask pixel values in class order, e.g. (0, 255) or (0, 128, 255); a value not
+  # listed is an error. Empty: mask values are class indices (below num_classes when it is set,
+  # else exactly 0..K-1 over the data), or 0/255 for binary masks (2 classes).
+  c.data.mask_values = ()
 
   # --- Schedule of the run -------------------------------------------------------------------
   c.total_steps = 1000  # optimizer steps (ignored when num_epochs > 0)

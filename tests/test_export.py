@@ -69,7 +69,7 @@ def _case(name, shape, normalize, seed=0):
       preprocessing=preprocessing_of(image_size=shape[0], normalize=normalize, eval_crop=0.875),
       class_names=[f"class_{i}" for i in range(model.num_classes)])
   images = _eval_images(shape, normalize, 3, seed)
-  expected = np.asarray(model.apply(variables, images, train=False))
+  expected = np.asarray(jax.jit(model.apply)(variables, images))
   return exportable, images, expected
 
 

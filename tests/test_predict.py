@@ -82,11 +82,25 @@ def test_predict_a_folder_with_the_runs_preprocessing(run, tmp_path, capsys):
   assert line["file"] == paths[0] and len(line["topk"]) == 1
 
 
+def _variables(model, shape, seed=0):
+  """Random variables from the abstract init (no compile): fast on a shared CPU."""
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, *shape))))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    if path[-1].key in ("var", "scale"):
+      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+    fan_in = int(np.prod(leaf.shape[:-1])) if path[-1].key == "kernel" else 25
+    return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
 def _seg_predictor(batch_size=4):
   from jaxvision.tasks.segmentation import SegmentationTask
 
   model = jaxvision.create_model("unet_tiny")
-  variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 1), np.float32))
+  variables = _variables(model, (32, 32, 1))
   data = base.get_config().data
   data.normalize = "half"
   task = SegmentationTask(2, image_shape=(32, 32, 1))
@@ -124,7 +138,7 @@ def test_pretrained_model_with_the_weights_config(tmp_path, capsys):
   from jaxvision.convert import to_torch
 
   model = jaxvision.create_model("resnet_tiny")
-  variables = model.init(jax.random.key(2), np.zeros((1, 32, 32, 3), np.float32))
+  variables = _variables(model, (32, 32, 3), seed=2)
   weights = tmp_path / "weights"
   weights.mkdir()
   save_file({k: np.ascontiguousarray(v) for k, v in to_torch("resnet_tiny", variables).items()},

@@ -21,6 +21,12 @@ the culprit and exit status 2, leaving the workdir as it was.
 """
 from __future__ import annotations
 
+# SIGTERM and Ctrl-C are routed to the trainer before anything else runs, so a preemption notice
+# that arrives while the imports below take their seconds still ends the run cleanly (exit 0).
+from train import signals  # isort: skip
+
+signals.install()
+
 import logging
 import os
 import sys
@@ -30,6 +36,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from train import dry_run
 from train.checkpoint import CheckpointError
 from train.loop import NonFiniteLossError, train_and_evaluate
 from train.model_kwargs import parse_model_kwargs
@@ -51,7 +58,25 @@ _MODEL_KWARGS = flags.DEFINE_string(
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Initialise JAX's distributed runtime by auto-detection (TPU pods, SLURM)."
 )
-flags.mark_flags_as_required(["config", "workdir"])
+_PEER_TIMEOUT = flags.DEFINE_integer(
+    "peer_timeout", 60,
+    "Multi-process runs: seconds after which a process that stopped answering counts as dead and "
+    "the others end too.",
+)
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False,
+    "Build the run from abstract shapes, compile its train and eval steps ahead of time for "
+    "--target (default: this machine's devices) and report the memory per device and whether it "
+    "fits; no parameter is initialised and no data is loaded beyond its shapes. Exit status 0 "
+    "when it fits, 2 when it does not.",
+)
+_TARGET = flags.DEFINE_string(
+    "target", "",
+    "With --dry_run: compile for these devices instead of this machine's, e.g. 'tpu:v5e:1x1' "
+    "(a Colab v5e-1), 'tpu:v4:2x2x1', 'tpu:v5p:2x2x1', 'tpu:v6e:2x2' (needs libtpu: "
+    "pip install 'jaxvision[tpu]').",
+)
+flags.mark_flags_as_required(["config"])
 
 
 _HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
@@ -142,23 +167,57 @@ def main(argv):
     with config.unlocked():
       config.model_kwargs.update(extra)
 
-  # After the config: a bad one ends this process before it waits for the others.
+  # After the config: a bad one ends this process before it waits for the others. A peer that
+  # dies stops sending heartbeats; the coordination service then ends the others after
+  # --peer_timeout seconds instead of letting them wait in a collective.
+  timeouts = dict(heartbeat_timeout_seconds=_PEER_TIMEOUT.value,
+                  shutdown_timeout_seconds=_PEER_TIMEOUT.value)
   if _COORDINATOR.value or _NUM_PROCESSES.value:
     jax.distributed.initialize(
         coordinator_address=_COORDINATOR.value,
         num_processes=_NUM_PROCESSES.value,
         process_id=_PROCESS_ID.value,
+        **timeouts,
     )
   elif _MULTIHOST.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeouts)
 
   logging.getLogger("absl").setLevel(logging.WARNING)
+  if _DRY_RUN.value:
+    try:
+      sys.exit(dry_run.dry_run(config, target=_TARGET.value))
+    except (ValueError, OSError) as e:
+      print(f"error: {_first_line(e)}", file=sys.stderr, flush=True)
+      sys.exit(2)
+  if _TARGET.value:
+    print("error: --target is for --dry_run (training runs on this machine's devices)",
+          file=sys.stderr)
+    sys.exit(2)
+  if not _WORKDIR.value:
+    print("error: --workdir is required (where checkpoints, metrics and logs go)",
+          file=sys.stderr)
+    sys.exit(2)
   try:
     train_and_evaluate(config, _WORKDIR.value)
+  except signals.StopRequested as e:
+    print(str(e), file=sys.stderr, flush=True)
+    _exit(0)
+  except KeyboardInterrupt:
+    print("interrupted: a second Ctrl-C stops at once; the last complete checkpoint is kept",
+          file=sys.stderr, flush=True)
+    _exit(130)
   except (ValueError, OSError, CheckpointError, NonFiniteLossError) as e:
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    _exit(2)
+
+
+def _exit(status: int) -> None:
+  """Ends the process now: a failed or stopped run may leave library threads behind (Orbax's
+  signalling threads wait minutes), and no process is to outlive its last line."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)
 
 
 if __name__ == "__main__":

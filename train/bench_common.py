@@ -10,29 +10,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+# Dense bf16 peak per device, matched by substring of the lowercased device kind (first match
+# wins). MFU is always taken against this bf16 peak, float32 runs included, so MFU figures of
+# both dtypes share one ceiling. The table, with its sources, is train/chips.py.
+from train.chips import PEAK_BF16_TFLOPS
+
 RESULT_KEYS = ("model", "framework", "mode", "batch_size", "dtype", "images_per_sec", "step_ms",
                "mfu", "compile_s", "peak_mem_gb", "device")
 OPTIMIZERS = ("momentum", "sgd", "adam")
-
-# Dense bf16 peak per device, in TFLOP/s, matched by substring of the lowercased device kind
-# (first match wins, so the more specific names come first). MFU is always taken against this
-# bf16 peak, float32 runs included, so MFU figures of both dtypes share one ceiling.
-PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    # H100 SXM: 989 on the spec sheet, but dense bf16 GEMMs measure ~800 (power/clock limited);
-    # MFU is taken against that measured peak. The H200 is the same GH100 compute die.
-    ("h100 pcie", 756.0),  # spec sheet; no measured figure to hand
-    ("h100", 800.0),
-    ("h200", 800.0),
-    ("a100", 312.0),
-    ("tpu v4", 275.0),
-    ("tpu v5 lite", 197.0),  # v5e
-    ("tpu v5e", 197.0),
-    ("tpu v5", 459.0),  # v5p
-    ("tpu v6 lite", 918.0),  # v6e (Trillium)
-    ("tpu v6e", 918.0),
-    # CPUs: no entry. The peak depends on the SIMD units, cores and clocks of the host, which
-    # the device kind ('cpu') does not tell; MFU is then null.
-)
 
 
 def peak_flops(device_kind: str) -> float | None:

@@ -106,6 +106,8 @@ def check_model(model, task, config) -> None:
     outputs = jax.eval_shape(init_outputs, spec)
   except (ValueError, TypeError, IndexError, AssertionError, ZeroDivisionError) as e:
     reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    if isinstance(e, ZeroDivisionError):
+      reason = "the input is too small for its convolutions and poolings"
     raise ValueError(f"model {config.model!r} cannot take {where}: {reason}") from None
   try:
     task.check_outputs(outputs)

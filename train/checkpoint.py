@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import re
+import shutil
 import sys
 
 import jax
@@ -27,6 +28,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
+
+from train.workdir import check_room, state_bytes
 
 log = logging.getLogger("train")
 
@@ -68,17 +71,40 @@ def save(
     manager: ocp.CheckpointManager, step: int, state, record: dict, metrics: dict | None = None,
     *, force: bool = False,
 ) -> None:
-  """Starts an asynchronous save of `state` and `record` at `step`."""
+  """Starts an asynchronous save of `state` and `record` at `step`.
+
+  A full disk is found before the save starts (it would leave a half-written temporary
+  directory and surface only at the next save); a save that fails all the same, this one or the
+  previous asynchronous one, is a CheckpointError naming the directory and its free space.
+  """
+  directory = str(manager.directory)
+  try:  # on every process: the workdir is shared, so all reach the same verdict
+    check_room(directory, state_bytes(state))
+  except OSError as e:
+    raise CheckpointError(f"cannot save checkpoint {step}: {e}; the last complete checkpoint "
+                          "is kept") from None
   # Orbax keeps no checksum of the arrays: a bit flipped on disk would restore silently.
   record = {**record, "checksums": checksums(state)}
   args = ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record))
   best = {k: float(v) for k, v in (metrics or {}).items()} or None
-  manager.save(step, args=args, metrics=best, force=force)
+  try:
+    manager.save(step, args=args, metrics=best, force=force)
+  except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many kinds
+    raise _save_failed(directory, step, e) from None
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
-  """Blocks until pending saves are on disk."""
-  manager.wait_until_finished()
+  """Blocks until pending saves are on disk (CheckpointError when one failed)."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # noqa: BLE001
+    raise _save_failed(str(manager.directory), manager.latest_step(), e) from None
+
+
+def _save_failed(directory: str, step, error: BaseException) -> CheckpointError:
+  free = shutil.disk_usage(directory).free / 2**20
+  return CheckpointError(f"saving checkpoint {step} in {directory} failed ({free:.1f} MiB free): "
+                         f"{_describe(error)}; the last complete checkpoint is kept")
 
 
 def read_record(manager: ocp.CheckpointManager, step: int) -> dict:
@@ -92,13 +118,15 @@ def step_dir(manager: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(manager.directory), str(step))
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, model: str):
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, run: dict):
   """(state, step, record) from the newest usable checkpoint, or (None, 0, {}) when there is none.
 
   An unreadable checkpoint (truncated or deleted files) is reported by name, set aside and the
-  previous one tried; a checkpoint of another model, or of other parameter shapes, is an error
+  previous one tried; a checkpoint of another run (a `run` value its record states differently:
+  model, dataset, split, batch size, seed) or of other parameter shapes is an error
   (CheckpointError), not a fallback: resuming it would be wrong, and so would ignoring it.
   """
+  model = run["model"]
   _install_quiet_hook()
   wanted = _leaf_shapes(abstract_state)
   for step in sorted(manager.all_steps(), reverse=True):
@@ -112,11 +140,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, model: str
     if _any_process(error is not None):
       _set_aside(manager, step, error)
       continue
-    if record.get("model") != model:
-      raise CheckpointError(
-          f"checkpoint {path} is of model {record.get('model')!r}, but this run's model is "
-          f"{model!r}; use another --workdir"
-      )
+    for key, value in run.items():
+      if key in record and record[key] != value:
+        raise CheckpointError(
+            f"checkpoint {path} was saved with {key}={record[key]!r}, but this run has "
+            f"{key}={value!r}; resume with the same {key} or use another --workdir")
     problem = _first_difference(saved, wanted)
     if problem:
       raise CheckpointError(
@@ -168,15 +196,9 @@ def _state_metadata(manager: ocp.CheckpointManager, step: int):
 
 def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
   """{'params/conv1/kernel': shape, ...}, alike for a live state and a checkpoint's metadata."""
-
-  def key_name(entry) -> str:
-    for attr in ("name", "key", "idx"):
-      if hasattr(entry, attr):
-        return str(getattr(entry, attr))
-    return str(entry)
-
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+          for path, leaf in leaves}
 
 
 class CheckpointCorrupted(ValueError):

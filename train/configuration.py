@@ -57,9 +57,10 @@ def validate(config) -> None:
     # Checked here, before the workdir is touched; the loop reads it only once it knows the run
     # starts afresh.
     raise ValueError(f"config.init_from={config.init_from!r}: no such file or directory")
-  if config.freeze:
-    try:
-      re.compile(config.freeze)
-    except re.error as e:
-      raise ValueError(
-          f"config.freeze={config.freeze!r} is not a regular expression: {e}") from None
+  for key in ("freeze", "init_skip"):
+    if config[key]:
+      try:
+        re.compile(config[key])
+      except re.error as e:
+        raise ValueError(
+            f"config.{key}={config[key]!r} is not a regular expression: {e}") from None

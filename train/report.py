@@ -34,6 +34,20 @@ def _drop_rows_after(path: str, step: int) -> None:
   os.replace(tmp, path)
 
 
+def _row_keys(path: str) -> set[tuple[int, str]]:
+  """(step, split) of every complete row of `path`."""
+  keys = set()
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+          keys.add((int(row["step"]), str(row["split"])))
+        except (ValueError, KeyError, TypeError):
+          continue
+  return keys
+
+
 def _row_step(line: str) -> float:
   try:
     return int(json.loads(line)["step"])
@@ -63,11 +77,13 @@ class Reporter:
     self._jsonl = None
     self._tb = None
     self._bar = None
+    self._rows: set[tuple[int, str]] = set()
     self._start = time.time()
     if not enabled:
       return
     path = os.path.join(workdir, "metrics.jsonl")
     _drop_rows_after(path, start_step)
+    self._rows = _row_keys(path)
     self._jsonl = open(path, "a", buffering=1)
     # purge_step hides events (step >= it) a previous attempt logged past the resumed step.
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
@@ -77,6 +93,11 @@ class Reporter:
     if progress == "bar":
       # tqdm.auto: a widget in a notebook, a text bar on a terminal.
       self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, initial=start_step)
+
+  def has_row(self, step: int, split: str) -> bool:
+    """Whether metrics.jsonl already holds a row of `split` at `step` (a resumed run's own
+    earlier rows included)."""
+    return (int(step), split) in self._rows
 
   def advance(self, step: int) -> None:
     """Moves the progress bar to `step` (a step dispatched, not waited for: no host sync)."""
@@ -89,6 +110,7 @@ class Reporter:
       return
     row = {"step": int(step), "split": split, **{k: _clean(v) for k, v in metrics.items()}}
     self._jsonl.write(json.dumps(row) + "\n")
+    self._rows.add((int(step), split))
     if self._tb is not None:
       for k, v in metrics.items():
         self._tb.add_scalar(f"{split}/{k}", float(v), int(step))

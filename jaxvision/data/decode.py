@@ -1,6 +1,9 @@
 """Reading image files with PIL: header probes, full decodes, and crop-aware JPEG decoding.
 
-Every failure becomes a one-line ValueError that names the file.
+Every failure becomes a one-line ValueError that names the file, including an image too large
+to decode: each open checks the header's size against a pixel limit (`data.max_image_pixels`,
+by default PIL's decompression-bomb limit) before any pixel is decoded, so a 20000x20000 file
+is refused (or skipped with data.skip_bad) instead of exhausting memory.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,11 +31,13 @@ class EncodedImage:
     path: file path ('' when `data` holds the bytes).
     data: encoded bytes (None when reading `path`).
     mode: 'L' (1 channel) or 'RGB' (3 channels).
+    max_pixels: the largest width x height it may have (0: PIL's limit, see `pixel_limit`).
   """
 
   path: str = ""
   data: bytes | None = None
   mode: str = "RGB"
+  max_pixels: int = 0
 
   @property
   def name(self) -> str:
@@ -39,15 +45,62 @@ class EncodedImage:
     return self.path or "<bytes>"
 
   def open(self) -> Image.Image:
-    """The lazily opened PIL image (header read, pixels not decoded yet)."""
-    try:
-      return Image.open(self.path if self.data is None else io.BytesIO(self.data))
-    except (OSError, SyntaxError, ValueError) as e:
-      raise ValueError(f"cannot read image {self.name}: {_reason(e)}") from None
+    """The lazily opened PIL image (header read and size checked, pixels not decoded yet)."""
+    return open_image(self.path if self.data is None else io.BytesIO(self.data), self.name,
+                      self.max_pixels)
 
 
 def _reason(error: BaseException) -> str:
   return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def pixel_limit(max_pixels: int = 0) -> int:
+  """The most pixels an image may have: `max_pixels`, or for 0 PIL's own decompression-bomb
+  limit (`PIL.Image.MAX_IMAGE_PIXELS`; 0 when that is None, i.e. no limit)."""
+  if max_pixels > 0:
+    return int(max_pixels)
+  return int(Image.MAX_IMAGE_PIXELS or 0)
+
+
+def allow_pixels(max_pixels: int) -> None:
+  """Lets PIL open images of up to `max_pixels` (a data.max_image_pixels above PIL's limit).
+
+  PIL refuses, at open, any image over twice its `MAX_IMAGE_PIXELS` (and warns over it): a run
+  that asks for larger images raises that process-wide limit to its own (never lowers it), and
+  `open_image` enforces the run's limit itself.
+  """
+  if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+    Image.MAX_IMAGE_PIXELS = int(max_pixels)
+
+
+def _too_large(what: str, name: str, pixels: int, limit: int, size: str = "") -> str:
+  shape = f"is {size} ({pixels:,} pixels)" if size else f"has {pixels:,} pixels"
+  return (f"{what} {name} {shape}, over the limit of {limit:,}; raise data.max_image_pixels to "
+          "read it, or skip such files with data.skip_bad=True")
+
+
+def open_image(source, name: str, max_pixels: int = 0, what: str = "image") -> Image.Image:
+  """`Image.open(source)`, with every failure and an image over `pixel_limit(max_pixels)` a
+  one-line ValueError naming `name` (`what` says what the file is: 'image', 'mask')."""
+  limit = pixel_limit(max_pixels)
+  try:
+    image = Image.open(source)
+  except Image.DecompressionBombError as e:
+    # PIL refuses before the header reaches us: its message has the pixel count, not the size.
+    found = re.search(r"\((\d+) pixels\)", str(e))
+    if not found:
+      raise ValueError(f"{what} {name} is too large to decode: {_reason(e)}") from None
+    pixels = int(found.group(1))
+    pil_limit = 2 * int(Image.MAX_IMAGE_PIXELS or 0)
+    limit = min(limit, pil_limit) if limit else pil_limit
+    raise ValueError(_too_large(what, name, pixels, limit)) from None
+  except (OSError, SyntaxError, ValueError) as e:
+    raise ValueError(f"cannot read {what} {name}: {_reason(e)}") from None
+  width, height = image.size
+  if limit and width * height > limit:
+    image.close()
+    raise ValueError(_too_large(what, name, width * height, limit, f"{width}x{height}"))
+  return image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,13 +117,11 @@ class ImageHeader:
   mode: str
 
 
-def probe(path: str) -> ImageHeader:
-  """Reads the header of `path`; a ValueError names the file when it is not a readable image."""
-  try:
-    with Image.open(path) as im:
-      return ImageHeader(im.width, im.height, im.mode)
-  except (OSError, SyntaxError, ValueError) as e:
-    raise ValueError(f"cannot read image {path}: {_reason(e)}") from None
+def probe(path: str, max_pixels: int = 0) -> ImageHeader:
+  """Reads the header of `path`; a ValueError names the file when it is not a readable image
+  or has more than `pixel_limit(max_pixels)` pixels."""
+  with open_image(path, path, max_pixels) as im:
+    return ImageHeader(im.width, im.height, im.mode)
 
 
 def decode_mode(headers: Sequence[ImageHeader]) -> str:

@@ -4,12 +4,13 @@ Two layouts:
   DIR/CLASS/*.jpg                  one split, 'train' (hold out with slicing: 'train[90%:]')
   DIR/SPLIT/CLASS/*.jpg            one split per sub-folder when DIR/train holds class folders
                                    (e.g. ImageNet's train/ and val/); classes come from train/.
-Class ids follow the sorted class-folder names. Each split's files are put in a stratified order
-(classes interleaved in proportion, each class's files shuffled with a fixed seed), so any slice
-such as 'train[:80%]' / 'train[80%:]' holds every class in its share, the same on every run and
-every process; sorted by class, 'train[80%:]' would be the last classes only. Every file's
-header is read up front, so a file that is not an image stops the run before training starts (or
-is skipped with data.skip_bad).
+Class ids follow the sorted class-folder names; one class folder is an error (a one-class
+classifier reaches loss 0 without learning anything). Each split's files are put in a stratified
+order (classes interleaved in proportion, each class's files shuffled with a fixed seed), so any
+slice such as 'train[:80%]' / 'train[80%:]' holds every class in its share, the same on every run
+and every process; sorted by class, 'train[80%:]' would be the last classes only. Every file's
+header is read up front, so a file that is not an image, or one over data.max_image_pixels,
+stops the run before training starts (or is skipped with data.skip_bad).
 When the decoded images fit in data.cache_mb they are decoded once and kept in memory (a corrupt
 pixel stream is then found up front too); larger folders are decoded batch by batch.
 """
@@ -24,6 +25,7 @@ import numpy as np
 from jaxvision.data.decode import (
   IMAGE_EXTENSIONS,
   EncodedImage,
+  allow_pixels,
   decode_mode,
   default_workers,
   parallel_map,
@@ -71,6 +73,9 @@ def list_files(root: str) -> tuple[tuple[str, ...], dict[str, tuple[list[str], n
   """Class names, and for each split its image paths and labels; empty class folders are errors."""
   dirs = split_dirs(root)
   classes = tuple(_subdirs(dirs.get("train", next(iter(dirs.values())))))
+  if len(classes) == 1:
+    raise ValueError(f"classification needs at least 2 classes; folder:{root} has one, "
+                     f"{classes[0]!r}")
   index = {c: i for i, c in enumerate(classes)}
   splits = {}
   for name, path in dirs.items():
@@ -112,10 +117,12 @@ def load(
   skip_bad = bool(data_config.skip_bad)
   cache_mb = float(data_config.cache_mb)
   workers = default_workers(int(data_config.workers))
+  max_pixels = int(data_config.max_image_pixels)
+  allow_pixels(max_pixels)
   classes, listed = list_files(arg)
 
   all_paths = [p for paths, _ in listed.values() for p in paths]
-  headers = parallel_map(lambda p: _probe_or_none(p, skip_bad), all_paths, workers)
+  headers = parallel_map(lambda p: _probe_or_none(p, skip_bad, max_pixels), all_paths, workers)
   header_of = dict(zip(all_paths, headers, strict=True))
   mode = decode_mode([h for h in headers if h is not None])
   channels = 1 if mode == "L" else 3
@@ -127,7 +134,8 @@ def load(
     ids = np.arange(len(paths), dtype=np.int64)
     keep = np.array([header_of[p] is not None for p in paths], bool)
     skipped = [p for p, k in zip(paths, keep, strict=True) if not k]
-    files = [EncodedImage(p, mode=mode) for p, k in zip(paths, keep, strict=True) if k]
+    files = [EncodedImage(p, mode=mode, max_pixels=max_pixels)
+             for p, k in zip(paths, keep, strict=True) if k]
     labels, ids = labels[keep], ids[keep]
     cache = None
     if eager:
@@ -147,9 +155,9 @@ def load(
   return sources
 
 
-def _probe_or_none(path: str, skip_bad: bool):
+def _probe_or_none(path: str, skip_bad: bool, max_pixels: int):
   try:
-    return probe(path)
+    return probe(path, max_pixels)
   except ValueError as e:
     if not skip_bad:
       raise
