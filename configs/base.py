@@ -18,7 +18,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = "lenet"  # registry name, see jaxvision.list_models()
   c.model_kwargs = ml_collections.ConfigDict()  # extra constructor kwargs, e.g. {'stem': 'small'}
   c.num_classes = 0  # 0: take it from the dataset
-  c.task = "auto"  # 'classification' | 'segmentation' | 'multitask' | 'auto' (from the dataset)
+  # 'classification' | 'segmentation' | 'multitask' | 'detection' | 'captioning' | 'auto' (from
+  # the dataset)
+  c.task = "auto"
   c.dtype = "float32"  # computation dtype ('float32' | 'bfloat16'); parameters stay float32
 
   # --- Data ----------------------------------------------------------------------------------
@@ -129,6 +131,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # flips/rotations, as the U-Net paper's ISBI entry did) or 'hflip' (input and mirror image).
   c.seg.tta = ""
   c.seg.overlays = 5  # eval examples saved as overlay PNGs in the workdir at the end (0: none)
+
+  # --- Captioning (task='captioning': vit_gpt2* models on coco_captions: / flickr: data) ------
+  c.caption = ml_collections.ConfigDict()
+  c.caption.max_len = 20  # caption tokens, the end token included; longer captions are cut
+  # '': a word-level tokenizer built from the training captions; or a tokenizer.json path
+  c.caption.tokenizer = ""
+  c.caption.vocab = ()  # the word vocabulary, written when the config is resolved (never by hand)
+  c.caption.min_count = 5  # word-level: rarer training words become <unk>
+  c.caption.max_vocab = 0  # word-level: at most this many tokens (0: no limit)
+  c.caption.decode = "greedy"  # evaluation decoding: 'greedy' | 'beam'
+  c.caption.beam_width = 3  # beam search: hypotheses kept
+  c.caption.length_penalty = 1.0  # beam search: log-prob / length ** this (Hugging Face's)
+  c.caption.pictures = 8  # eval examples drawn with their caption and per-word attention
 
   # --- Output --------------------------------------------------------------------------------
   c.progress = "auto"  # 'auto' (bar on a TTY, plain lines otherwise) | 'bar' | 'lines' | 'none'

@@ -21,6 +21,8 @@ import time
 import numpy as np
 import pytest
 
+from train.workdir import LOCK_FILE
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 4
 BASE = ["--config", "configs/lenet_digits.py", "--config.progress=none"]
@@ -167,10 +169,14 @@ def _make_inputs(root: str) -> dict[str, str]:
 
 
 def _tree_digest(path: str) -> str:
+  """A digest of every file under `path` but the workdir's lock file (whose content is the pid
+  of the last trainer that held it)."""
   digest = hashlib.sha256()
   for dirpath, dirnames, filenames in sorted(os.walk(path)):
     dirnames.sort()
     for name in sorted(filenames):
+      if name == LOCK_FILE:
+        continue
       full = os.path.join(dirpath, name)
       digest.update(os.path.relpath(full, path).encode())
       with open(full, "rb") as f:

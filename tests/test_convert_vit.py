@@ -54,7 +54,7 @@ def _merge(t):  # (B, H, N, d) -> (B, N, D)
   return t.transpose(0, 2, 1, 3).reshape(b, n, -1)
 
 
-def _timm_forward(sd, x, depth=2):
+def _timm_forward(sd, x, depth=2, global_pool="token"):
   """timm VisionTransformer.forward (eval) from a state dict, NCHW conv semantics in numpy."""
   lin = lambda t, name: t @ sd[f"{name}.weight"].T + sd[f"{name}.bias"]
   b = x.shape[0]
@@ -74,7 +74,8 @@ def _timm_forward(sd, x, depth=2):
     t = t + ls(lin(_merge(_attend(q, k, v)), f"{p}.attn.proj"), "ls1")
     y = _ln(t, sd[f"{p}.norm2.weight"], sd[f"{p}.norm2.bias"])
     t = t + ls(lin(_gelu(lin(y, f"{p}.mlp.fc1")), f"{p}.mlp.fc2"), "ls2")
-  t = _ln(t, sd["norm.weight"], sd["norm.bias"])
+  if "norm.weight" in sd:  # timm's fc_norm models normalise after the pooling instead
+    t = _ln(t, sd["norm.weight"], sd["norm.bias"])
   if "attn_pool.latent" in sd:  # timm AttentionPoolLatent
     q = _heads(lin(np.broadcast_to(sd["attn_pool.latent"], (b, 1, D)), "attn_pool.q"))
     k, v = lin(t, "attn_pool.kv").reshape(b, -1, 2, HEADS, D // HEADS).transpose(2, 0, 3, 1, 4)
@@ -82,6 +83,10 @@ def _timm_forward(sd, x, depth=2):
     y = y + lin(_gelu(lin(_ln(y, sd["attn_pool.norm.weight"], sd["attn_pool.norm.bias"]),
                           "attn_pool.mlp.fc1")), "attn_pool.mlp.fc2")
     pooled = y[:, 0]
+  elif "fc_norm.weight" in sd or global_pool == "avg":
+    pooled = t[:, 1 if "cls_token" in sd else 0:].mean(1)
+    if "fc_norm.weight" in sd:
+      pooled = _ln(pooled, sd["fc_norm.weight"], sd["fc_norm.bias"])
   else:
     pooled = t[:, 0] if "cls_token" in sd else t.mean(1)
   return lin(pooled, "head")
@@ -304,6 +309,55 @@ def test_npz_strict_check_and_resolution_change():
   chex.assert_shape(at_48["pos_embed"], (1, 1 + 6 * 6, D))
   assert from_vit_npz("vit_tiny", npz, num_classes=CLASSES)["params"]["head"]["kernel"].shape == \
       (D, CLASSES)
+
+
+@pytest.mark.parametrize("class_token", [False, True])
+def test_fc_norm_pooling_matches_timm_reference_forward(class_token):
+  model = create_model("vit_tiny", pool="gap", fc_norm=True, class_token=class_token)
+  params = _random_params(model, seed=7)
+  assert "fc_norm" in params and "norm" not in params
+  x = _images(seed=8)
+  sd = to_torch("vit_tiny", {"params": params})
+  assert "fc_norm.weight" in sd and ("cls_token" in sd) == class_token
+  np.testing.assert_allclose(jax.jit(model.apply)({"params": params}, x), _timm_forward(sd, x),
+                             rtol=1e-4, atol=1e-4)
+  # The pooling, class token and fc_norm are read from the keys alone.
+  chex.assert_trees_all_equal(from_torch("vit_tiny", sd)["params"], params)
+
+
+def test_pool_layer_scale_and_qkv_bias_are_read_from_the_keys():
+  from jaxvision.convert.timm_vit import infer_kwargs
+
+  for kwargs in (dict(pool="map"), dict(pool="gap"), dict(layer_scale=0.1, qkv_bias=False)):
+    model = create_model("vit_tiny", **kwargs)
+    params = _random_params(model, seed=9)
+    sd = to_torch("vit_tiny", {"params": params})
+    inferred = infer_kwargs(sd, {})
+    assert all(bool(inferred.get(k)) == bool(v) for k, v in kwargs.items()), (kwargs, inferred)
+    chex.assert_trees_all_equal(from_torch("vit_tiny", sd)["params"], params)
+  # A class token with mean pooling (timm's global_pool='avg', no fc_norm) needs pool='gap'.
+  model = create_model("vit_tiny", pool="gap", class_token=True)
+  params = _random_params(model, seed=10)
+  sd = to_torch("vit_tiny", {"params": params})
+  x = _images(seed=11)
+  np.testing.assert_allclose(jax.jit(model.apply)({"params": params}, x),
+                             _timm_forward(sd, x, global_pool="avg"), rtol=1e-4, atol=1e-4)
+  chex.assert_trees_all_equal(from_torch("vit_tiny", sd, pool="gap")["params"], params)
+
+
+def test_fc_norm_needs_mean_pooling():
+  with pytest.raises(ValueError, match="fc_norm=True needs pool='gap'"):
+    create_model("vit_tiny", fc_norm=True).init(jax.random.key(0), _images(1))
+  with pytest.raises(ValueError, match="class_token=False contradicts it"):
+    create_model("vit_tiny", class_token=False).init(jax.random.key(0), _images(1))
+
+
+def test_dispatcher_from_vit_npz_takes_model_kwargs():
+  from jaxvision import convert
+
+  npz = _random_npz("vit_jax")
+  at_48 = convert.from_vit_npz("vit_tiny", npz, image_size=48)["params"]
+  chex.assert_shape(at_48["pos_embed"], (1, 1 + 6 * 6, D))
 
 
 def test_dispatcher_routes_vit_names():

@@ -176,9 +176,12 @@ def test_export_cli_on_a_trained_run(tmp_path, capsys):
   from train import loop
 
   workdir = str(tmp_path / "run")
-  loop.train_and_evaluate(small_config(total_steps=3, checkpoint_every=3), workdir)
+  # Three steps, no evaluation: a real checkpoint and config.json, cheaply.
+  config = small_config(total_steps=3, checkpoint_every=3, eval_split="", best_metric="")
+  loop.train_and_evaluate(config, workdir)
   out = str(tmp_path / "hlo")
-  assert cli.main(["--workdir", workdir, "--format", "stablehlo", "--out", out]) == 0
+  assert cli.main(["--workdir", workdir, "--format", "stablehlo", "--out", out,
+                   "--check", "2"]) == 0
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert summary["input_shape"] == [28, 28, 1] and summary["max_abs_diff"] <= TOL
   with open(os.path.join(out, "metadata.json")) as f:

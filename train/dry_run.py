@@ -243,8 +243,9 @@ class StepReport:
             + self.queued)
 
 
-def compile_step(name: str, fn, args: tuple, queued: int) -> StepReport:
-  """Lowers and compiles `fn(*args)`; a compiler out-of-memory error becomes `error`."""
+def compile_step(name: str, fn, args: tuple, queued: int, compiled_steps: dict) -> StepReport:
+  """Lowers and compiles `fn(*args)` (kept in `compiled_steps[name]`); a compiler
+  out-of-memory error becomes the report's `error`."""
   start = time.perf_counter()
   lowered = fn.lower(*args)
   try:
@@ -254,6 +255,7 @@ def compile_step(name: str, fn, args: tuple, queued: int) -> StepReport:
       raise
     return StepReport(name, time.perf_counter() - start, queued=queued, error=_first_line(e))
   seconds = time.perf_counter() - start
+  compiled_steps[name] = compiled
   report = StepReport(name, seconds, queued=queued, flops=_flops(compiled),
                       collectives=collectives(compiled.as_text()))
   memory = compiled.memory_analysis()
@@ -366,11 +368,33 @@ def model_flops_per_image(config, task) -> float | None:
   return 3.0 * forward_flops if forward_flops else None
 
 
-def dry_run(config, *, target: str = "", memory_limit_bytes: int | None = None) -> int:
-  """Compiles the run's train and eval steps for `target` and prints the report; the exit
-  status: 0 when it fits, 2 when it does not."""
-  if memory_limit_bytes is None and os.environ.get(MEMORY_LIMIT_ENV):
-    memory_limit_bytes = parse_bytes(os.environ[MEMORY_LIMIT_ENV])
+@dataclasses.dataclass
+class CompiledRun:
+  """A run's steps compiled ahead of time for a target.
+
+  Attributes:
+    config: the resolved run config.
+    target: the devices compiled for and their memory.
+    executor: the trainer's executor (mesh or pmap) over those devices.
+    task: the run's task.
+    steps: the train step's report, then the eval step's (when the run evaluates).
+    state: bytes per device of the train state's parts.
+    compiled: {'train' | 'eval': the compiled executable}, for steps that compiled.
+  """
+
+  config: ml_collections.FrozenConfigDict
+  target: Target
+  executor: object
+  task: object
+  steps: list[StepReport]
+  state: dict[str, int]
+  compiled: dict
+
+
+def compile_run(config, *, target: str = "", memory_limit_bytes: int | None = None,
+                evaluate: bool = True) -> CompiledRun:
+  """Builds the run as training does, from abstract shapes, and compiles its steps for
+  `target` (`evaluate`: the eval step too, when the config has an eval split)."""
   where = resolve_target(target, memory_limit_bytes)
   config, train_input, eval_input = describe(config)
   if where.devices is not None and config.parallel == "pmap":
@@ -389,18 +413,26 @@ def dry_run(config, *, target: str = "", memory_limit_bytes: int | None = None) 
   per_device = lambda spec: sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize
                                 for s in spec.values()) // n
   prefetch = int(config.data.prefetch)
-  train = compile_step("train", executor.compiled_train_step, train_args,
-                       (prefetch + MAX_STEPS_AHEAD) * per_device(train_spec))
-  steps = [train]
-  if config.eval_split:
+  compiled = {}
+  steps = [compile_step("train", executor.compiled_train_step, train_args,
+                        (prefetch + MAX_STEPS_AHEAD) * per_device(train_spec), compiled)]
+  if evaluate and config.eval_split:
     steps.append(compile_step("eval", executor.compiled_eval_step, eval_args,
-                              prefetch * per_device(eval_spec)))
+                              prefetch * per_device(eval_spec), compiled))
+  return CompiledRun(config, where, executor, task, steps, state_bytes(executor), compiled)
+
+
+def dry_run(config, *, target: str = "", memory_limit_bytes: int | None = None) -> int:
+  """Compiles the run's train and eval steps for `target` and prints the report; the exit
+  status: 0 when it fits, 2 when it does not."""
+  if memory_limit_bytes is None and os.environ.get(MEMORY_LIMIT_ENV):
+    memory_limit_bytes = parse_bytes(os.environ[MEMORY_LIMIT_ENV])
+  run = compile_run(config, target=target, memory_limit_bytes=memory_limit_bytes)
   own_flops = None
-  if any(config.model_kwargs.get(k, False) for k in _FLOP_HIDING_KWARGS):
-    own_flops = model_flops_per_image(config, task)
-  state = state_bytes(executor)
-  print(report_text(config, where, executor, steps, state, own_flops))
-  verdict, fits = judge(config, where, executor, steps, state)
+  if any(run.config.model_kwargs.get(k, False) for k in _FLOP_HIDING_KWARGS):
+    own_flops = model_flops_per_image(run.config, run.task)
+  print(report_text(run, own_flops))
+  verdict, fits = judge(run)
   print(verdict, file=sys.stdout if fits else sys.stderr, flush=True)
   return 0 if fits else 2
 
@@ -409,9 +441,10 @@ def _needed(where: Target, step: StepReport, n: int) -> int:
   return step.total * (n if where.shared else 1)
 
 
-def judge(config, where: Target, executor, steps: list[StepReport],
-          state: dict[str, int]) -> tuple[str, bool]:
+def judge(run: CompiledRun) -> tuple[str, bool]:
   """(one-line verdict, fits) for the compiled steps against the target's memory."""
+  config, where, executor, steps, state = (run.config, run.target, run.executor, run.steps,
+                                           run.state)
   n = executor.num_devices
   failed = [s for s in steps if s.error]
   limit = where.memory_bytes
@@ -470,9 +503,10 @@ def advice(config, executor, step: StepReport, kept: int, limit: int) -> list[st
   return helps
 
 
-def report_text(config, where: Target, executor, steps: list[StepReport],
-                state: dict[str, int], own_flops: float | None) -> str:
+def report_text(run: CompiledRun, own_flops: float | None = None) -> str:
   """The printed report: the run, then one column per compiled step."""
+  config, where, executor, steps, state = (run.config, run.target, run.executor, run.steps,
+                                           run.state)
   n = executor.num_devices
   params = sum(math.prod(p.shape) for p in jax.tree.leaves(executor.abstract_state.params))
   memory = (f"{_gib(where.memory_bytes)} per device ({where.memory_note})"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 # Registry names of the one-stage detectors (jaxvision.convert.torchvision_detection).
 DETECTION_PREFIXES = ("ssd", "retinanet", "fcos")
 

@@ -76,6 +76,10 @@ class CaptionSource:
       raise ValueError(f"{n} images but {len(self.captions)} caption lists and {len(self.ids)} "
                        "ids")
 
+  def check_num_classes(self, num_classes: int) -> None:
+    """Captions have no classes: nothing to check."""
+    del num_classes
+
   def __len__(self) -> int:
     return len(self.images)
 

@@ -26,7 +26,7 @@ from jaxvision.data.decode import (
   parallel_map,
   probe,
 )
-from jaxvision.data.source import union_skipped
+from jaxvision.data.source import check_labels_below, union_skipped
 
 log = logging.getLogger(__name__)
 # Up to this many images, every header is read up front (a broken file stops the run before
@@ -92,6 +92,11 @@ class DetectionSource:
 
   def __len__(self) -> int:
     return len(self.images)
+
+  def check_num_classes(self, num_classes: int) -> None:
+    """One-line ValueError when a box's class is not below the run's `num_classes` (0: any)."""
+    if num_classes and num_classes < self.num_classes:
+      check_labels_below(self.labels, num_classes, self.names)
 
   @property
   def labels(self) -> np.ndarray:

@@ -15,7 +15,7 @@ import logging
 import numpy as np
 
 from jaxvision.data.decode import EncodedImage, decode, parallel_map
-from jaxvision.data.source import check_label_range, union_skipped
+from jaxvision.data.source import check_label_range, check_labels_below, union_skipped
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,11 @@ class FileSource:
   def channels(self) -> int:
     """1 for grayscale files, else 3 (decided by the first file's mode)."""
     return 1 if self.files and self.files[0].mode == "L" else 3
+
+  def check_num_classes(self, num_classes: int) -> None:
+    """One-line ValueError when a label is not below the run's `num_classes` (0: any)."""
+    if num_classes and num_classes < self.num_classes:
+      check_labels_below(self.labels, num_classes, self.names)
 
   def get_batch(self, indices: np.ndarray) -> dict:
     """The examples at `indices`: `image` is a list (arrays when cached, else files)."""

@@ -61,6 +61,11 @@ class ArraySource:
     """The examples at `indices`, as a dict of stacked arrays."""
     return {"image": self.images[indices], "label": self.labels[indices], "id": self.ids[indices]}
 
+  def check_num_classes(self, num_classes: int) -> None:
+    """One-line ValueError when a label is not below the run's `num_classes` (0: any)."""
+    if num_classes and num_classes < self.num_classes:
+      check_labels_below(self.labels, num_classes, self.names)
+
   def take(self, indices: np.ndarray, id_offset: int = 0) -> ArraySource:
     """The examples at `indices`, with ids shifted by `id_offset`."""
     return ArraySource(
@@ -114,19 +119,20 @@ def check_label_range(labels: np.ndarray, num_classes: int, names=None, where: s
 
 
 def check_num_classes(source, config) -> None:
-  """With an explicit `config.num_classes`, every label must be below it (one line naming it).
+  """The run's `config.num_classes` (0: from the data) against the source's labels, one line
+  naming the culprit (`source.check_num_classes`).
 
   Only when the run's task is the source's own (its labels are the targets); another task, e.g.
   a regression on the images, gives num_classes its own meaning.
   """
-  num_classes, uri = int(config.num_classes), config.dataset
-  if config.task not in ("auto", source.task) or not num_classes:
-    return
-  if num_classes >= source.num_classes:
-    return
-  labels, names = source.labels, source.names
+  if config.task in ("auto", source.task):
+    source.check_num_classes(int(config.num_classes))
+
+
+def check_labels_below(labels, num_classes: int, names=None) -> None:
+  """With an explicit `num_classes` (0: none), every label must be below it."""
   try:
-    check_label_range(labels, num_classes, names, where=f" of {uri}")
+    check_label_range(labels, num_classes, names)
   except ValueError as e:
     raise ValueError(f"{e} (config.num_classes={num_classes})") from None
 

@@ -157,6 +157,9 @@ def to_onnx_model(exportable: Exportable, *, opset: int = 23):
     model = to_onnx(fn, [("batch", h, w, c)], model_name=exportable.metadata["model"],
                     opset=opset, input_names=[INPUT_NAME],
                     output_names=exportable.output_names)
+  # jax2onnx stamps some intermediate values with the shapes of their NHWC originals where its
+  # plugins work in NCHW; ONNX Runtime infers them anyway and warns at every load otherwise.
+  del model.graph.value_info[:]
   entry = model.metadata_props.add()
   entry.key, entry.value = "jaxvision", json.dumps({**exportable.metadata, "format": "onnx"})
   return model

@@ -56,5 +56,5 @@ def load_stablehlo(out_dir: str):
   with open(os.path.join(out_dir, MODULE_NAME), "rb") as f:
     exported = jax.export.deserialize(f.read())
   with np.load(os.path.join(out_dir, WEIGHTS_NAME)) as data:
-    weights = [data[k] for k in sorted(data.files)]
+    weights = jax.device_put([data[k] for k in sorted(data.files)])  # on device once
   return lambda images: exported.call(weights, images)

@@ -45,6 +45,7 @@ from jaxvision.text.tokenizer import (
 log = logging.getLogger(__name__)
 METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "exact_match", "token_accuracy")
 DECODE_METHODS = ("greedy", "beam")
+_GLOW = (255, 140, 0)  # colour of the attended patches in the pictures
 
 
 def tokenizer_of(config) -> Tokenizer:
@@ -316,8 +317,11 @@ def attention_picture(image: np.ndarray, tokens: np.ndarray, attention: np.ndarr
     weights = weights / max(float(weights.max()), 1e-12)
     heat = Image.fromarray((weights * 255).astype(np.uint8)).resize(size, Image.BILINEAR)
     heat = np.asarray(heat, np.float32)[..., None] / 255.0
-    # The attended patches keep their colours, the rest fades: the "attention filter".
-    tinted = (np.asarray(base, np.float32) * (0.25 + 0.75 * heat)).astype(np.uint8)
+    # The attended patches keep their colours and glow orange, the rest fades: the "attention
+    # filter" (the glow shows attention on dark backgrounds too).
+    glow = heat * np.array(_GLOW, np.float32)
+    tinted = np.clip(np.asarray(base, np.float32) * (0.3 + 0.7 * heat) * 0.6 + 0.4 * glow, 0, 255)
+    tinted = tinted.astype(np.uint8)
     x, y = k * size[0], size[1] + text_h
     canvas.paste(Image.fromarray(tinted), (x, y))
     draw.text((x + 2, y + size[1] + 1), word[:12], fill=(0, 0, 0))

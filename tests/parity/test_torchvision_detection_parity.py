@@ -80,10 +80,12 @@ def test_converter_matches_torchvision_layout(case):
   ours = {k: "x".join(map(str, v)) for k, v in state_dict_layout(name).items()}
   assert sorted(set(ours) ^ set(expected)) == []
   assert ours == expected
-  # A state dict with exactly torchvision's keys converts with none missing or left over.
-  rng = np.random.default_rng(0)
-  state_dict = {k: rng.standard_normal([int(d) for d in v.split("x") if d]).astype(np.float32)
-                for k, v in expected.items()}
+  # A state dict with exactly torchvision's keys converts with none missing or left over, and
+  # back. Distinct values in every tensor (exact in float32) show a transpose or a swap.
+  state_dict = {}
+  for i, (k, v) in enumerate(sorted(expected.items())):
+    shape = [int(d) for d in v.split("x") if d]
+    state_dict[k] = (np.arange(np.prod(shape), dtype=np.float32) + i).reshape(shape)
   variables = from_torch(name, state_dict)
   back = to_torch(name, variables)
   assert sorted(back) == sorted(state_dict)
