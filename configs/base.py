@@ -132,6 +132,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seg.tta = ""
   c.seg.overlays = 5  # eval examples saved as overlay PNGs in the workdir at the end (0: none)
 
+  # --- Detection (task='detection': ssd*, retinanet*, fcos* models on coco: / voc: / yolo: data) --
+  c.detection = ml_collections.ConfigDict()
+  c.detection.loss = "auto"  # 'auto' (the model's family) | 'ssd' | 'retinanet' | 'fcos'
+  c.detection.max_boxes = 100  # ground-truth boxes per image in a batch (padded, box_valid)
+  # Post-processing; values <= 0 take the family's torchvision defaults (score threshold
+  # ssd .01 / retinanet .05 / fcos .2, NMS IoU .45 / .5 / .6, detections 200 / 300 / 100,
+  # candidates per level or class before NMS 400 / 1000 / 1000).
+  c.detection.score_threshold = 0.0
+  c.detection.nms_iou = 0.0
+  c.detection.max_detections = 0
+  c.detection.pre_nms_top_k = 0
+  c.detection.box_loss = "l1"  # RetinaNet's box term: l1 (torchvision) | smooth_l1 | giou
+  c.detection.pictures = 5  # eval examples drawn with their detections at the end (0: none)
+
   # --- Captioning (task='captioning': vit_gpt2* models on coco_captions: / flickr: data) ------
   c.caption = ml_collections.ConfigDict()
   c.caption.max_len = 20  # caption tokens, the end token included; longer captions are cut

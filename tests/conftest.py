@@ -5,8 +5,18 @@ imports jax. Tests that need another device count run in a subprocess.
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole run, its subprocesses and its xdist workers
+# (they inherit the environment): the same programs (LeNet on digits, the tiny models) are
+# compiled by many tests, and all but the first load them.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxvision-test-xla-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
@@ -43,28 +53,17 @@ def small_config(config_module: str = "lenet_digits", **overrides):
   return c
 
 
-# Every run of a module compiles the same few programs: a persistent compilation cache lets all
-# but the first load them (about 1 s instead of 10 s of CPU per run on 2 cores). A module opts in
-# with `pytestmark = pytest.mark.usefixtures("compile_cache")`; its subprocesses get the cache
-# through `cached_env`.
-_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+def pytest_sessionfinish(session, exitstatus):
+  """Removes the run's compilation cache (in the process that made it)."""
+  del session, exitstatus
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  """The cache directory, in use by this process while the module's tests run."""
-  import jax
-  from jax.experimental.compilation_cache import compilation_cache
-
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  before = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  compilation_cache.reset_cache()
-  yield path
-  for name, value in before.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
+@pytest.fixture(scope="session")
+def compile_cache() -> str:
+  """The run's persistent compilation cache directory (see the top of this file)."""
+  return os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
 def cached_env(cache_dir: str, devices: int = 4) -> dict[str, str]:

@@ -188,8 +188,10 @@ def _assert_found(predictions, batch):
                                    predictions["classes"][i][top].tolist())
 
 
+# Measured drops: SSD ~160x in 60 steps, RetinaNet ~390x in 200; FCOS ~4x in 300, its loss
+# bounded below by the centerness BCE (the soft targets' entropy, ~0.56 here).
 @pytest.mark.parametrize("family,steps,lr,factor", [
-    ("ssd", 100, 3e-3, 20),
+    ("ssd", 60, 3e-3, 20),
     pytest.param("retinanet", 200, 3e-3, 5, marks=pytest.mark.slow),
     pytest.param("fcos", 300, 3e-3, 2.5, marks=pytest.mark.slow),
 ])

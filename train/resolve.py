@@ -48,10 +48,13 @@ def resolve(config, *, process_index: int = 0, process_count: int = 1):
     info.eval_examples = int(eval_input.num_examples) if eval_input is not None else 0
     info.steps_per_epoch = int(train_input.steps_per_epoch)
     info.class_names = tuple(str(n) for n in train_input.class_names)
-    if not config.num_classes:
-      config.num_classes = int(train_input.num_classes)
     if config.task == "auto":
       config.task = train_input.task
+    # The task first: its model may count classes its own way (SSD's background column, a
+    # caption decoder's vocabulary).
+    task_class(config.task).resolve(config, train_input)
+    if not config.num_classes:
+      config.num_classes = int(train_input.num_classes)
     if config.num_epochs:
       config.total_steps = int(round(config.num_epochs * train_input.steps_per_epoch))
       if config.total_steps < 1:
@@ -61,7 +64,6 @@ def resolve(config, *, process_index: int = 0, process_count: int = 1):
     if "image_size" not in config.model_kwargs and _sized_by_input(config.model):
       height, width = info.image_shape[:2]
       config.model_kwargs.image_size = height if height == width else (height, width)
-    task_class(config.task).resolve(config, train_input)
   for key, data in (("train_split", train_input), ("eval_split", eval_input)):
     _warn_missing_classes(key, config[key], data, int(config.num_classes))
   return ml_collections.FrozenConfigDict(config), train_input, eval_input

@@ -83,6 +83,11 @@ class CaptionSource:
   def __len__(self) -> int:
     return len(self.images)
 
+  @property
+  def labels(self) -> np.ndarray:
+    """[N, 0]: captions have no class per image, so the input counts no classes."""
+    return np.zeros((len(self.images), 0), np.int32)
+
   def get_batch(self, indices: np.ndarray) -> dict:
     """The examples at `indices`: `image` a list, `captions` an object array of tuples."""
     captions = np.empty(len(indices), object)

@@ -72,7 +72,8 @@ class ArrayInput:
         source,
         global_batch_size=config.batch_size if train else config.eval_batch_size,
         transform=build_transform(
-            config.data, train=train, task=source.task, image_size=config.image_size
+            config.data, train=train, task=source.task, image_size=config.image_size,
+            max_boxes=int(config.detection.max_boxes),
         ),
         image_size=config.image_size,
         seed=config.seed,

@@ -32,6 +32,9 @@ import numpy as np
 from jaxvision.detection import losses, postprocess
 from jaxvision.detection.anchors import AnchorSet, fcos_scale_ranges
 from jaxvision.detection.boxes import to_original
+from jaxvision.detection.coco_eval import coco_evaluate, from_padded
+from jaxvision.detection.draw import save_detections
+from jaxvision.models import create_model
 from jaxvision.tasks.base import TaskBase, image_spec
 
 FAMILIES = ("ssd", "retinanet", "fcos")
@@ -125,13 +128,20 @@ class DetectionTask(TaskBase):
                **defaults)
 
   @classmethod
+  def resolve(cls, config, train_input) -> None:
+    """`num_classes` (when 0): the model's class columns for the data's classes."""
+    if not config.num_classes:
+      family = str(config.detection.loss)
+      if family in ("", "auto"):
+        family = model_family(create_model(config.model, **dict(config.model_kwargs.to_dict())))
+      config.num_classes = num_model_classes(family, int(train_input.num_classes))
+
+  @classmethod
   def from_config(cls, config) -> DetectionTask:
     """The task as the resolved run config describes it: `config.detection` (post-processing
     values <= 0 take the family's torchvision defaults), the model's anchors for
     `config.data_info.image_shape`, and the data's classes from the model's class columns
     (`config.num_classes`, see `num_model_classes`)."""
-    from jaxvision.models import create_model
-
     det = config.detection
     model = create_model(config.model, num_classes=int(config.num_classes),
                          **dict(config.model_kwargs.to_dict()))
@@ -251,8 +261,6 @@ class DetectionTask(TaskBase):
     """COCO AP / AR of every valid example (crowd / difficult boxes as COCO's iscrowd; sizes
     from the annotations' areas when given, else the boxes')."""
     del sums
-    from jaxvision.detection.coco_eval import coco_evaluate, from_padded
-
     e = {k: np.asarray(v) for k, v in examples.items()}
     dets, gts = from_padded(e["id"], e["det_boxes"], e["det_scores"], e["det_classes"],
                             e["det_valid"], e["gt_boxes"], e["gt_classes"], e["gt_valid"],
@@ -270,8 +278,6 @@ class DetectionTask(TaskBase):
   def save_pictures(self, path_prefix: str, batch: dict, predictions: Any) -> list[str]:
     """One PNG per example: the model's input image with its detections (class name and score)
     and the ground truth (white) drawn; files `{path_prefix}{i}.png`."""
-    from jaxvision.detection.draw import save_detections
-
     names = self.class_names or None
     paths = []
     for i in range(len(batch["image"])):

@@ -1,0 +1,40 @@
+"""ViT + GPT-2 captioner reading strips of 3-5 MNIST digits aloud ("four one seven").
+
+    python -m jaxvision.data.make_caption_sets --mnist ../shared/data/mnist --kind digits \
+        --out runs/data/caption_digits
+    python -m train --config configs/caption_digits.py --workdir runs/caption_digits
+
+Measured result: (pending).
+"""
+
+from configs import base
+
+
+def get_config(arg: str | None = None):
+  """A small vit_gpt2 on 64 x 64 resized strips, AdamW with warm-up and cosine decay."""
+  c = base.get_config(arg)
+  c.task = "captioning"
+  c.dataset = "coco_captions:runs/data/caption_digits"
+  c.train_split = "train"
+  c.eval_split = "val"
+  c.model = "vit_gpt2_tiny"
+  c.model_kwargs.patch_size = 8
+  c.model_kwargs.encoder_size = (128, 3, 4, 256)
+  c.model_kwargs.decoder_size = (128, 2, 4, 256)
+  c.model_kwargs.max_positions = 8
+  c.image_size = 64
+  c.batch_size = 64
+  c.data.normalize = "half"
+  c.caption.max_len = 6  # five digit words and the end token
+  c.optimizer = "adamw"
+  c.learning_rate = 1e-3
+  c.weight_decay = 0.05
+  c.schedule = "warmup_cosine"
+  c.warmup_steps = 100
+  c.total_steps = 1500
+  c.log_every = 50
+  c.eval_every = 0
+  c.checkpoint_every = 0
+  c.keep_checkpoints = 1
+  c.best_metric = "exact_match"
+  return c
