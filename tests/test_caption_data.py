@@ -15,7 +15,6 @@ from PIL import Image
 
 from configs import base
 from jaxvision.data import create_input, load_source
-from jaxvision.data.coco_captions import caption_references
 from jaxvision.data.make_caption_sets import (
   DIGIT_WORDS,
   digit_strips,
@@ -23,7 +22,8 @@ from jaxvision.data.make_caption_sets import (
   shape_scenes,
   write_coco_captions,
 )
-from jaxvision.data.transforms import build_transform
+from jaxvision.data.task_transforms import build_transform
+from jaxvision.tasks.captioning import caption_references
 
 
 def _digits(n=40, seed=0):
@@ -75,7 +75,8 @@ def test_shape_scenes_and_split_slicing(shapes_dir):
   first = refs[0][0].split()
   # "a red circle left of a blue square" and its mirrored and "there is" forms.
   assert refs[0][1].endswith(" ".join(first[1:3]))
-  assert caption_references(f"coco_captions:{shapes_dir}", "train[:4]+val") == refs
+  assert caption_references(f"coco_captions:{shapes_dir}", "train[:4]+val",
+                            base.get_config().data) == refs
 
 
 def test_batches_sample_one_caption_per_step_deterministically(shapes_dir):

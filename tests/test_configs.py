@@ -79,6 +79,31 @@ def test_experiment_restates_nothing_its_parent_says(name):
   assert not restated, f"configs/{name}.py sets {restated} to configs/{parent_name}.py's values"
 
 
+def _caption_strips(root: pathlib.Path) -> str:
+  """Twelve train and four val strips of scikit-learn digits, captioned with the digit words."""
+  from jaxvision.data.digits import read_digits
+  from jaxvision.data.make_caption_sets import digit_strips, write_coco_captions
+
+  images, labels = read_digits()
+  images = np.round(images * (255 / 16)).astype(np.uint8)
+  rng = np.random.default_rng(0)
+  for split, count in (("train", 12), ("val", 4)):
+    write_coco_captions(str(root), split, *digit_strips(images, labels, count, rng))
+  return f"coco_captions:{root}"
+
+
+def digit_canvases(root: pathlib.Path) -> str:
+  """Twelve train and four val 64x64 canvases of scikit-learn digits in COCO's layout."""
+  from jaxvision.data.digits import read_digits
+  from jaxvision.data.make_digit_canvases import make_dataset
+
+  images, labels = read_digits()
+  images = np.round(images * (255 / 16)).astype(np.uint8)
+  make_dataset(images, labels, str(root), train=12, val=4, train_range=(0, 1500),
+               val_range=(1500, 1797), canvas_size=64, max_digits=3, min_side=12, max_side=24)
+  return f"coco:{root}"
+
+
 def _segfolder(root: pathlib.Path, channels: int = 1) -> str:
   """Six 64x64 image/mask pairs: bright discs on a dark ground, masks 0 / 255."""
   rng = np.random.default_rng(0)
@@ -106,6 +131,10 @@ def _smoke_overrides(name: str, tmp_path) -> dict:
   size = 32 if name in HEAVY else min(int(config.image_size), 64)
   if config.task == "segmentation" or config.dataset.startswith("segfolder:"):
     dataset, splits = _segfolder(tmp_path / "seg"), ("train[:4]", "train[4:]")
+  elif config.dataset.startswith("coco_captions:"):
+    dataset, splits = _caption_strips(tmp_path / "captions"), ("train", "val")
+  elif config.dataset.startswith("coco:"):
+    dataset, splits = digit_canvases(tmp_path / "canvases"), ("train", "val")
   elif name.startswith("resnet") or name.startswith("vit_b16"):
     dataset, splits = f"synthetic:{size}x{size}x3:{config.num_classes or 10}", ("train", "test")
   else:

@@ -38,7 +38,7 @@ def _cli(cache: str, limit: str, *args: str) -> subprocess.CompletedProcess:
 
 def _size(text: str) -> float:
   value, unit = text.split()
-  return float(value) * {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
+  return float(value) * {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
 
 
 def test_cli_dry_run_fits_a_large_limit_and_not_half_of_what_it_needs(compile_cache):
@@ -59,7 +59,7 @@ def test_cli_dry_run_fits_a_large_limit_and_not_half_of_what_it_needs(compile_ca
   assert re.search(r"GFLOP per image\s+0\.00[0-9]+", fits.stdout)
   # The two CPU devices share the host's RAM: the verdict is for both of them.
   worst = max(_size(t) for t in totals)
-  assert _size(verdict.group(2)) == pytest.approx(2 * worst, rel=0.01)
+  assert _size(verdict.group(2)) == pytest.approx(2 * worst, rel=0.05)  # sizes as printed
 
   limit = int(_size(verdict.group(2)) / 2)
   over = _cli(compile_cache, str(limit))

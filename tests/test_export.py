@@ -17,7 +17,7 @@ import pytest
 import jaxvision
 from configs import base
 from conftest import small_config
-from jaxvision.data.transforms import build_transform
+from jaxvision.data.task_transforms import build_transform
 from jaxvision.export import Exportable, export, load_exported, preprocessing_of
 
 TOL = 1e-4

@@ -14,7 +14,7 @@ from safetensors.numpy import save_file
 import jaxvision
 from configs import base
 from conftest import small_config
-from jaxvision.data.transforms import build_transform
+from jaxvision.data.task_transforms import build_transform
 from jaxvision.segmentation import predict_tiled
 from train import predict
 

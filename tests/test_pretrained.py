@@ -14,15 +14,18 @@ import pytest
 from safetensors.numpy import save_file
 
 import jaxvision
+from conftest import small_config
 from jaxvision.convert import to_torch
 from jaxvision.convert.hub import is_spec, read_weights
-from jaxvision.models.pretrained import (
-    DEFAULT_WEIGHTS,
-    PretrainedConfig,
-    _family,
-    load_pretrained,
-    save_pretrained,
+from jaxvision.pretrained import (
+  DEFAULT_WEIGHTS,
+  PretrainedConfig,
+  _family,
+  load_pretrained,
+  save_pretrained,
 )
+from train import loop
+from train.checkpoint import restore_params
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 X = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
@@ -304,3 +307,21 @@ def test_default_weights_table():
     assert name in jaxvision.list_models() and _family(name) in ("cnn", "vit"), name
     assert spec.startswith("hf-hub:timm/") and is_spec(spec)
   assert not is_spec("runs/lenet_digits") and not is_spec("")
+
+
+def test_trainer_init_from_a_hub_spec_fits_the_head(hub_cache, resnet, tmp_path, caplog):
+  """config.init_from takes the same specs: the trunk loads, the head fits the run's classes."""
+  _, variables, _ = resnet
+  hub_cache("timm/resnet_tiny.test_in1k", to_torch("resnet_tiny", variables),
+            _timm_config("resnet_tiny"))
+  config = small_config(model="resnet_tiny", dataset="synthetic:32x32x3:10", train_split="train",
+                        image_size=32, total_steps=1, eval_split="", learning_rate=0.0,
+                        init_from="hf-hub:timm/resnet_tiny.test_in1k",
+                        **{"data.normalize": "(0.4,0.5,0.6),(0.2,0.25,0.3)"})
+  caplog.set_level(logging.WARNING)
+  loop.train_and_evaluate(config, str(tmp_path))
+  params, _, _ = restore_params(str(tmp_path / "checkpoints"))
+  source = variables["params"]
+  np.testing.assert_array_equal(params["conv1"]["kernel"], source["conv1"]["kernel"])
+  assert params["head"]["kernel"].shape[-1] == 10  # the data's 10 classes (the weights' too)
+  assert "expects data.normalize" not in caplog.text

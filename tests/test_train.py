@@ -158,6 +158,18 @@ def test_cli_unknown_key_is_one_line_error(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+def test_help_exits_zero_and_a_misspelt_key_is_one_plain_line(tmp_path):
+  shown = run_cli("--help")
+  assert shown.returncode == 0 and "--config" in shown.stdout + shown.stderr
+  result = run_cli("--config", "configs/lenet_digits.py", "--workdir", str(tmp_path / "w"),
+                   "--config.bach_size=1")
+  assert result.returncode == 2
+  (line,) = result.stderr.strip().splitlines()
+  assert line.startswith("error: config override rejected: 'bach_size'; Did you mean "
+                         '"batch_size" instead of "bach_size"?')
+  assert "\\" not in line
+
+
 def test_cli_indivisible_batch_is_one_line_error(tmp_path):
   result = run_cli("--config", "configs/lenet_digits.py", "--workdir", str(tmp_path / "w"),
                    "--config.batch_size=30")

@@ -6,6 +6,7 @@ import math
 import os
 import re
 
+from jaxvision.convert import hub
 from jaxvision.data import parse_uri
 from jaxvision.models import model_info
 from jaxvision.tasks import TASKS
@@ -53,7 +54,8 @@ def validate(config) -> None:
   need(config.progress in ("auto", "bar", "lines", "none"), "progress",
        "choose 'auto', 'bar', 'lines' or 'none'")
   need(config.stop_at_step >= 0, "stop_at_step", "must be >= 0")
-  if config.init_from and not os.path.exists(config.init_from):
+  if (config.init_from and not config.init_from.startswith(hub.HUB_PREFIX)
+      and not os.path.exists(config.init_from)):
     # Checked here, before the workdir is touched; the loop reads it only once it knows the run
     # starts afresh.
     raise ValueError(f"config.init_from={config.init_from!r}: no such file or directory")

@@ -41,6 +41,7 @@ not a time estimate (it comes out negative for whole models) and is never shown.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -128,6 +129,10 @@ def tpu_devices(generation: str, topology: str) -> list:
   # libtpu takes a machine-wide lock file when it initialises; compiling for a topology uses no
   # TPU, so it may share the machine with another process that holds the lock.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  if not os.environ.get("JAX_PLATFORMS") and not jax.config.jax_platforms:
+    # Everything but the compile itself runs on the host: no local TPU backend to probe (which,
+    # with libtpu installed and no TPU attached, fills stderr with its failure).
+    jax.config.update("jax_platforms", "cpu")
   from jax.experimental import topologies
 
   dims = [int(d) for d in topology.split("x")]
@@ -138,11 +143,28 @@ def tpu_devices(generation: str, topology: str) -> list:
   if hosts != (2, 2, 1):  # slices smaller than one host's 2x2 chips (e.g. a v5e-1)
     kwargs["chips_per_host_bounds"] = hosts
   try:
-    return list(topologies.get_topology_desc(
-        platform="tpu", topology_name=f"{generation}:{topology}", **kwargs).devices)
+    with _quiet_stderr():
+      return list(topologies.get_topology_desc(
+          platform="tpu", topology_name=f"{generation}:{topology}", **kwargs).devices)
   except Exception as e:  # noqa: BLE001 - libtpu's errors (RuntimeError, JaxRuntimeError)
     raise ValueError(f"--target tpu:{generation}:{topology}: libtpu has no such topology: "
                      f"{_first_line(e)}") from None
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+  """Process-level stderr (file descriptor 2) discarded for the block: libtpu initialising on a
+  machine without TPUs reports its failed probes of the TPU VM's environment there, and these
+  say nothing about a compile-only topology."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, "w") as devnull:
+      os.dup2(devnull.fileno(), 2)
+      yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
 
 
 def resolve_target(target: str, memory_limit_bytes: int | None) -> Target:
@@ -216,6 +238,8 @@ class StepReport:
   Attributes:
     name: 'train' or 'eval'.
     compile_s: lowering + compilation wall time.
+    compile_cpu_s: the CPU time this process spent on it (all threads): on a shared host the
+      steadier measure of the work.
     arguments / outputs / aliased / temporaries / code: bytes per device from XLA's memory
       analysis (aliased: outputs written into donated arguments).
     queued: bytes of the input batches the loop keeps on the device besides the step's own.
@@ -226,6 +250,7 @@ class StepReport:
 
   name: str
   compile_s: float
+  compile_cpu_s: float = 0.0
   arguments: int = 0
   outputs: int = 0
   aliased: int = 0
@@ -246,17 +271,18 @@ class StepReport:
 def compile_step(name: str, fn, args: tuple, queued: int, compiled_steps: dict) -> StepReport:
   """Lowers and compiles `fn(*args)` (kept in `compiled_steps[name]`); a compiler
   out-of-memory error becomes the report's `error`."""
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   lowered = fn.lower(*args)
   try:
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
-    return StepReport(name, time.perf_counter() - start, queued=queued, error=_first_line(e))
-  seconds = time.perf_counter() - start
+    return StepReport(name, time.perf_counter() - start, time.process_time() - cpu_start,
+                      queued=queued, error=_first_line(e))
+  seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
   compiled_steps[name] = compiled
-  report = StepReport(name, seconds, queued=queued, flops=_flops(compiled),
+  report = StepReport(name, seconds, cpu_seconds, queued=queued, flops=_flops(compiled),
                       collectives=collectives(compiled.as_text()))
   memory = compiled.memory_analysis()
   if memory is not None:
@@ -536,6 +562,8 @@ def report_text(run: CompiledRun, own_flops: float | None = None) -> str:
   lines.append(f"  {'total':<22}" + "".join(
       f"{'over' if s.error else _gib(s.total):>16}" for s in steps))
   lines.append(f"  {'compile time':<22}" + "".join(f"{s.compile_s:>15.1f}s" for s in steps))
+  lines.append(f"  {'  (process CPU time)':<22}" + "".join(f"{s.compile_cpu_s:>15.1f}s"
+                                                         for s in steps))
   lines.append(f"  {'GFLOP per step':<22}" + "".join(
       f"{s.flops / 1e9 if s.flops else 0:>16.4g}" for s in steps))
   batches = {"train": int(config.batch_size), "eval": int(config.eval_batch_size)}
@@ -560,7 +588,9 @@ def _gib(size: int | float) -> str:
     return f"{size / 2**30:.2f} GiB"
   if size >= 2**20:
     return f"{size / 2**20:.1f} MiB"
-  return f"{size / 2**10:.1f} KiB"
+  if size >= 2**10:
+    return f"{size / 2**10:.1f} KiB"
+  return f"{int(size)} B"
 
 
 def _first_line(error: BaseException) -> str:

@@ -23,17 +23,27 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
+import time
 
+import jax
 import numpy as np
 
-from jaxvision.export import FORMATS
+from jaxvision.export import (
+  FORMATS,
+  Exportable,
+  export,
+  load_exported,
+  max_difference,
+  preprocessing_of,
+)
+from jaxvision.models import create_model, model_info
+from jaxvision.pretrained import load_pretrained
+from train.build import load_run
 
 
 def from_run(workdir: str, step: int | None = None):
   """The Exportable of the run in `workdir` (its preprocessing from its config.json)."""
-  from jaxvision.export import Exportable, preprocessing_of
-  from train.build import load_run
-
   run = load_run(workdir, step)
   config = run.config
   info = config.data_info
@@ -48,9 +58,6 @@ def from_run(workdir: str, step: int | None = None):
 
 def from_pretrained(name: str, spec, model_kwargs: dict | None = None):
   """The Exportable of registry model `name` with pretrained weights `spec`."""
-  from jaxvision.export import Exportable, preprocessing_of
-  from jaxvision.models.pretrained import load_pretrained
-
   model, variables, cfg = load_pretrained(name, spec, **(model_kwargs or {}))
   preprocessing = preprocessing_of(image_size=cfg.image_size, normalize=cfg.normalize,
                                    eval_crop=cfg.crop_pct, interpolation=cfg.interpolation)
@@ -72,8 +79,6 @@ def check_inputs(exportable, count: int, seed: int = 0) -> np.ndarray:
 def random_variables(model, input_shape, seed: int = 0) -> dict:
   """Variables of `model` with He-scaled random weights and BatchNorm statistics near one, made
   in numpy from the abstract init (no init compile): what benchmarks need."""
-  import jax
-
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                                np.zeros((1, *input_shape), np.float32)))
   rng = np.random.default_rng(seed)
@@ -90,8 +95,6 @@ def random_variables(model, input_shape, seed: int = 0) -> dict:
 
 
 def _median_ms(fn, images, repeats: int) -> float:
-  import time
-
   fn(images)  # warm-up: compilation, first-run allocations
   times = []
   for _ in range(repeats):
@@ -101,18 +104,10 @@ def _median_ms(fn, images, repeats: int) -> float:
   return float(np.median(times)) * 1e3
 
 
-def bench(names: list[str], batch_sizes=(1, 32), repeats: int = 10, out_dir: str = "") -> list:
+def bench(names: list[str], batch_sizes=(1, 32), repeats: int = 10, out_dir: str = ""):
   """Per model: ONNX and StableHLO exports of random weights, their largest logit difference
   from JAX, and the median latency per image of JAX (jit), ONNX Runtime (CPU) and StableHLO at
-  each batch size, on the same eval-normalized inputs. One dict per measurement."""
-  import tempfile
-
-  import jax
-
-  from jaxvision.export import Exportable, export, load_exported, preprocessing_of
-  from jaxvision.models import create_model, model_info
-
-  rows = []
+  each batch size, on the same eval-normalized inputs. Yields one dict per measurement."""
   for name in names:
     model = create_model(name)
     shape = model_info(name).input_shape
@@ -132,15 +127,14 @@ def bench(names: list[str], batch_sizes=(1, 32), repeats: int = 10, out_dir: str
       export(exportable, fmt, path)
       run = load_exported(fmt, path)
       diff = float(np.abs(run(images)[0] - reference).max())
-      rows.append({"model": name, "format": fmt, "max_abs_logit_diff": diff,
-                   "max_abs_logit": float(np.abs(reference).max())})
+      yield {"model": name, "format": fmt, "max_abs_logit_diff": diff,
+             "max_abs_logit": float(np.abs(reference).max())}
       runners["onnxruntime" if fmt == "onnx" else "stablehlo"] = run
     for batch in batch_sizes:
       for runtime, run in runners.items():
         ms = _median_ms(run, images[:batch], repeats)
-        rows.append({"model": name, "runtime": runtime, "batch_size": batch,
-                     "ms_per_image": ms / batch, "ms_per_batch": ms})
-  return rows
+        yield {"model": name, "runtime": runtime, "batch_size": batch,
+               "ms_per_image": ms / batch, "ms_per_batch": ms}
 
 
 def parse_spec(value: str):
@@ -179,8 +173,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run(args) -> dict:
   """Exports as `args` say; returns the summary printed as JSON."""
-  from jaxvision.export import export, max_difference
-
   exportable = (from_run(args.workdir, args.step) if args.workdir
                 else from_pretrained(args.model, parse_spec(args.pretrained)))
   paths = export(exportable, args.format, args.out)

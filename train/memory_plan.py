@@ -32,10 +32,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gzip
 import importlib.metadata
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -84,7 +86,7 @@ class Case:
 
 CASES = {c.name: c for c in (
     Case("resnet50", lambda: _imagenet(resnet50_imagenet), 128),
-    Case("vit_b16", lambda: _imagenet(vit_b16_imagenet), 64),
+    Case("vit_b16", lambda: _imagenet(vit_b16_imagenet), 160),
     Case("vit_b16 remat", lambda: _imagenet(vit_b16_imagenet, remat=True), 128),
     Case("vit_b16 remat+scan", lambda: _imagenet(vit_b16_imagenet, remat=True, scan=True), 128),
     Case("unet", _unet_paper, 4),
@@ -99,8 +101,9 @@ def libtpu_version() -> str:
     return ""
 
 
-def compile_once(case: Case, generation: str, batch: int) -> dict:
-  """One compile of `case`'s train step at per-chip `batch` for one chip of `generation`."""
+def compile_once(case: Case, generation: str, batch: int, hlo_dir: str = "") -> dict:
+  """One compile of `case`'s train step at per-chip `batch` for one chip of `generation`
+  (its optimised HLO saved gzipped under `hlo_dir` when given)."""
   config = case.config()
   config.batch_size = config.eval_batch_size = batch
   target = f"tpu:{generation}:{TOPOLOGY[generation]}"
@@ -111,6 +114,12 @@ def compile_once(case: Case, generation: str, batch: int) -> dict:
   batch_bytes = sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize
                     for s in dry_run.batch_spec(run.task, None, batch, train=True).values())
   flops = step.flops * run.executor.num_devices / batch if step.flops else None
+  print(dry_run.report_text(run), file=sys.stderr, flush=True)
+  if hlo_dir and "train" in run.compiled:
+    os.makedirs(hlo_dir, exist_ok=True)
+    name = f"{case.name.replace(' ', '_')}-{generation}-{batch}.hlo.txt.gz"
+    with gzip.open(os.path.join(hlo_dir, name), "wt") as f:
+      f.write(run.compiled["train"].as_text())
   return {
       "case": case.name, "generation": generation, "target": target, "batch": batch,
       "fits": not step.error and step.total <= limit, "total": step.total or None,
@@ -118,6 +127,7 @@ def compile_once(case: Case, generation: str, batch: int) -> dict:
                                                  - step.aliased + step.code) if not step.error
       else None,
       "limit": limit, "compile_s": round(step.compile_s, 1),
+      "compile_cpu_s": round(step.compile_cpu_s, 1),
       "wall_s": round(time.perf_counter() - start, 1),
       "flops_per_image": flops, "error": step.error,
       "date": datetime.date.today().isoformat(), "libtpu": libtpu_version(),
@@ -174,16 +184,17 @@ def next_batch(points: list[dict], limit: int, prior: tuple[float, float] | None
   return guess
 
 
-def search(case: Case, generation: str, done: list[dict], prior, write) -> dict:
+def search(case: Case, generation: str, done: list[dict], prior, write,
+           hlo_dir: str = "", max_compiles: int = MAX_COMPILES) -> dict:
   """The compiles of `case` on `generation` down to its largest fitting per-chip batch
   (compiling only what `done` lacks)."""
   points = [p for p in done if p["case"] == case.name and p["generation"] == generation]
   limit = chips.tpu_chip(generation).usable_bytes
   batch = case.start if not points and prior is None else next_batch(points, limit, prior)
-  for _ in range(MAX_COMPILES):
+  for _ in range(max_compiles):
     if batch is None:
       break
-    point = compile_once(case, generation, batch)
+    point = compile_once(case, generation, batch, hlo_dir)
     points.append(point)
     write(point)
     print(f"# {case.name} {generation} batch {batch}: "
@@ -194,30 +205,48 @@ def search(case: Case, generation: str, done: list[dict], prior, write) -> dict:
   return {"case": case.name, "generation": generation, "points": points}
 
 
-def table(rows: Sequence[dict], own_flops: dict[str, float]) -> str:
-  """The Markdown table: per case and generation, the largest fitting batch and its figures."""
-  lines = ["| model | chip | largest batch per chip | memory at it / usable HBM | compile | "
-           "compiled GFLOP/image | network's GFLOP/image | ratio |",
+def table(rows: Sequence[dict]) -> str:
+  """The Markdown table: per case and chip, the largest fitting per-chip batch, the memory and
+  compile time at it, and its compiled FLOPs per image against the network's own."""
+  lines = ["| model | chip | largest batch per chip | memory at it / usable | compile wall "
+           "(CPU) | compiled GFLOP/image | network's GFLOP/image | ratio |",
            "|---|---|---|---|---|---|---|---|"]
-  grouped: dict[tuple[str, str], list[dict]] = {}
-  for row in rows:
-    grouped.setdefault((row["case"], row["generation"]), []).append(row)
-  for (case, generation), points in grouped.items():
-    fits = [p for p in points if p["fits"]]
-    fails = [p["batch"] for p in points if not p["fits"]]
-    if not fits:
-      lines.append(f"| {case} | {generation} | none of {sorted(fails)} | | | | | |")
-      continue
-    best = max(fits, key=lambda p: p["batch"])
-    above = min((b for b in fails if b > best["batch"]), default=None)
-    bound = f" ({above} does not)" if above else " (largest tried)"
-    own = own_flops.get(case)
-    compiled = best["flops_per_image"]
-    ratio = f"{compiled / own:.2f}" if own and compiled else ""
-    lines.append(
-        f"| {case} | {generation} | {best['batch']}{bound} | {dry_run._gib(best['total'])} / "
-        f"{dry_run._gib(best['limit'])} | {best['compile_s']:.0f} s | "
-        f"{compiled / 1e9 if compiled else 0:.2f} | {own / 1e9 if own else 0:.2f} | {ratio} |")
+  points = [r for r in rows if "batch" in r]
+  own = {r["case"]: r["network_flops"] for r in rows if r.get("network_flops")}
+  cases = list(dict.fromkeys(r["case"] for r in points))
+  generations = [g for g in GENERATIONS if any(p["generation"] == g for p in points)]
+  for case in cases:
+    for generation in generations:
+      mine = [p for p in points if p["case"] == case and p["generation"] == generation]
+      limit = chips.tpu_chip(generation).usable_bytes
+      line = memory_line([p for p in points if p["case"] == case and p["fits"]][-2:])
+      if not mine:
+        if line:
+          guess = _round((limit - line[0]) / line[1])
+          lines.append(f"| {case} | {generation} | ~{guess} (predicted, not compiled) | | | | "
+                       "| |")
+        continue
+      fits = [p for p in mine if p["fits"]]
+      fails = [p["batch"] for p in mine if not p["fits"]]
+      if not fits:
+        lines.append(f"| {case} | {generation} | below {min(fails)} (none compiled fits) | | | "
+                     "| | |")
+        continue
+      best = max(fits, key=lambda p: p["batch"])
+      above = min((b for b in fails if b > best["batch"]), default=None)
+      if above is not None:
+        bound = f"{best['batch']} ({above} does not fit)"
+      else:
+        mine_line = memory_line(mine) or line
+        guess = _round((limit - mine_line[0]) / mine_line[1]) if mine_line else None
+        bound = f"{best['batch']} fits (~{guess} predicted, not compiled)"
+      flops, network = best["flops_per_image"], own.get(case)
+      ratio = f"{flops / network:.2f}" if flops and network else ""
+      lines.append(
+          f"| {case} | {generation} | {bound} | {dry_run._gib(best['total'])} / "
+          f"{dry_run._gib(best['limit'])} | {best['compile_s']:.0f} s "
+          f"({best.get('compile_cpu_s', 0):.0f} s) | {flops / 1e9 if flops else 0:.1f} | "
+          f"{network / 1e9 if network else 0:.1f} | {ratio} |")
   return "\n".join(lines)
 
 
@@ -231,6 +260,138 @@ def network_flops(case: Case) -> float | None:
   return dry_run.model_flops_per_image(resolved, build_task(resolved))
 
 
+_DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*")
+_SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixOp:
+  """A convolution or dot of a compiled module.
+
+  Attributes:
+    name: the instruction's name.
+    kind: 'convolution' or 'dot'.
+    out: the result's shape.
+    contraction: elements summed per output element (kernel window x input features, or the
+      contracted dims of a dot).
+    features: (input features, output features) of a convolution's kernel (the contracted and
+      the kept dims that meet the MXU's width); for a dot, (contracted, last output dim).
+    op_name: the JAX operation it comes from (the metadata's op_name).
+  """
+
+  name: str
+  kind: str
+  out: tuple[int, ...]
+  contraction: int
+  features: tuple[int, int]
+  op_name: str
+
+  @property
+  def flops(self) -> float:
+    """2 x output elements x contraction: the logical FLOPs."""
+    return 2.0 * math.prod(self.out) * self.contraction
+
+  def padded_flops(self, width: int) -> float:
+    """FLOPs with the contraction and the output features rounded up to the MXU width: the
+    work of an MXU that is `width` wide on both sides."""
+    pad = lambda d: -(-d // width) * width
+    o = self.features[1]
+    return self.flops * pad(self.contraction) / self.contraction * pad(o) / o
+
+
+def _type_and_opcode(rest: str) -> tuple[str, str, str]:
+  """(type, opcode, the text after the opcode's '(') of an instruction's right-hand side."""
+  if rest.startswith("("):
+    depth, end = 0, len(rest)
+    for position, ch in enumerate(rest):
+      depth += (ch == "(") - (ch == ")")
+      if depth == 0:
+        end = position + 1
+        break
+    type_text, rest = rest[:end], rest[end:]
+  else:
+    type_text, _, rest = rest.partition(" ")
+  rest = rest.lstrip()
+  opcode, _, args = rest.partition("(")
+  return type_text, opcode.strip(), args
+
+
+def matrix_ops(hlo_text: str) -> list[MatrixOp]:
+  """The convolutions and dots of a compiled module's text, with their logical sizes."""
+  shapes, pending = {}, []
+  for line in hlo_text.splitlines():
+    match = _DEFINITION.match(line)
+    if not match:
+      continue
+    type_text, opcode, args = _type_and_opcode(line[match.end():])
+    arrays = _SHAPE.findall(type_text)
+    if len(arrays) == 1 and not type_text.startswith("("):
+      shapes[match.group(1)] = tuple(int(d) for d in arrays[0][1].split(",") if d)
+    if opcode in ("convolution", "dot"):
+      pending.append((match.group(1), opcode, args))
+  ops = []
+  for name, opcode, args in pending:
+    operands = re.findall(r"%([\w.\-]+)", args.split(")")[0])
+    if len(operands) < 2 or name not in shapes or any(o not in shapes for o in operands[:2]):
+      continue
+    lhs, rhs, out = shapes[operands[0]], shapes[operands[1]], shapes[name]
+    op_name = (re.search(r'op_name="([^"]*)"', args) or re.search("()", "")).group(1)
+    if opcode == "convolution":
+      labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", args)
+      if not labels:
+        continue
+      kernel = labels.group(2)
+      # Each output element sums over the window's taps that meet real input elements: with
+      # lhs_dilate (how XLA writes batched matmuls as convolutions, a window as wide as the
+      # dilation) only every d-th tap does.
+      window = re.search(r"size=([0-9x]+)", args)
+      dilate = re.search(r"lhs_dilate=([0-9x]+)", args)
+      sizes = [int(d) for d in window.group(1).split("x")] if window else []
+      dilations = [int(d) for d in dilate.group(1).split("x")] if dilate else [1] * len(sizes)
+      spatial = math.prod(-(-k // d) for k, d in zip(sizes, dilations, strict=True))
+      i, o = rhs[kernel.index("i")], rhs[kernel.index("o")]
+      ops.append(MatrixOp(name, opcode, out, spatial * i, (i, o), op_name))
+    else:
+      contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", args)
+      dims = [int(d) for d in contracting.group(1).split(",") if d] if contracting else []
+      k = math.prod(lhs[d] for d in dims)
+      ops.append(MatrixOp(name, opcode, out, k, (k, out[-1] if out else 1), op_name))
+  return ops
+
+
+def _layer_kind(op_name: str) -> str:
+  """'blocks_*/mlp/fc*' (+ ' (backward)') from a JAX op name: the layer, its index dropped."""
+  path = op_name.split("/")
+  backward = any(p.startswith("transpose(") for p in path)
+  layer = "/".join(path[-3:-1]) if len(path) > 2 else op_name
+  return re.sub(r"[0-9]+", "*", layer) + (" (backward)" if backward else "")
+
+
+def ops_report(hlo_text: str, compiled_flops: float | None, width: int, top: int = 12) -> str:
+  """Where a compiled step's FLOPs go: its convolutions and dots, the rest (elementwise,
+  reductions), and what rounding their feature dims up to the MXU width would add."""
+  ops = matrix_ops(hlo_text)
+  total = sum(op.flops for op in ops)
+  padded = sum(op.padded_flops(width) for op in ops)
+  lines = [f"convolutions and dots: {len(ops)}, {total / 1e9:.1f} GFLOP"
+           + (f" of XLA's {compiled_flops / 1e9:.1f} GFLOP for the step (the rest: elementwise "
+              f"ops and reductions, {(compiled_flops - total) / 1e9:.1f})" if compiled_flops
+              else ""),
+           f"with feature dims rounded up to the MXU width {width}: {padded / 1e9:.1f} GFLOP "
+           f"({padded / max(total, 1):.2f}x)",
+           f"{'GFLOP':>9} {'x MXU':>6}  op (features in -> out, output shape, JAX op)"]
+  grouped: dict[tuple, list[MatrixOp]] = {}
+  for op in ops:
+    grouped.setdefault((op.kind, op.features, op.out, _layer_kind(op.op_name)), []).append(op)
+  rows = sorted(grouped.items(), key=lambda kv: -sum(o.flops for o in kv[1]))
+  for (kind, (i, o), out, where), members in rows[:top]:
+    flops = sum(m.flops for m in members)
+    factor = members[0].padded_flops(width) / members[0].flops
+    lines.append(f"{flops / 1e9:>9.1f} {factor:>6.2f}  {len(members):>3} x {kind} {i} -> {o}, "
+                 f"out {list(out)}, {where}")
+  return "\n".join(lines)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   """The plan's flags."""
   p = argparse.ArgumentParser(prog="python -m train.memory_plan", description=__doc__.split(
@@ -241,6 +402,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="comma-separated TPU generations (default: %(default)s)")
   p.add_argument("--out", default="", help="JSON-lines file of every compile (appended; a "
                  "rerun skips what it holds)")
+  p.add_argument("--hlo-dir", default="", help="save each compiled step's optimised HLO "
+                 "(gzipped text) here, for `python -m train.memory_plan --ops FILE`")
+  p.add_argument("--max-compiles", type=int, default=MAX_COMPILES,
+                 help="compiles per case and chip (default: %(default)s); with 1, the batch "
+                 "predicted from another chip's memory line is checked and the table marks "
+                 "its bound as predicted")
   p.add_argument("--table", default="", help="print the table of an --out file and exit")
   args = p.parse_args(argv)
   for name in args.cases.split(","):
@@ -253,36 +420,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Searches every case x generation and prints the Markdown table."""
+  """Searches every generation x case and prints the Markdown table."""
   args = parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only TPU devices; no local TPU needed
   path = args.table or args.out
-  done = []
+  rows = []
   if path and os.path.exists(path):
     with open(path) as f:
-      done = [json.loads(line) for line in f if line.strip()]
-  cases = [CASES[name] for name in (args.cases.split(",") if not args.table else
-                                    dict.fromkeys(r["case"] for r in done))]
-  own = {c.name: network_flops(c) for c in cases}
-  if args.table:
-    print(table(done, own))
-    return 0
+      rows = [json.loads(line) for line in f if line.strip()]
 
-  def write(point: dict) -> None:
+  def write(row: dict) -> None:
+    rows.append(row)
     if args.out:
       with open(args.out, "a") as f:
-        f.write(json.dumps(point) + "\n")
+        f.write(json.dumps(row) + "\n")
 
-  for case in cases:
-    prior = None
+  names = args.cases.split(",") if not args.table else list(dict.fromkeys(
+      r["case"] for r in rows))
+  for name in names:  # the network's own FLOPs: a lowering on the host, once per case
+    if not any(r.get("network_flops") and r["case"] == name for r in rows):
+      write({"case": name, "network_flops": network_flops(CASES[name])})
+  if not args.table:
+    # Generation by generation, so that a partial run has every case on the first chips; a
+    # case's memory line on one chip is its first guess on the next.
     for generation in args.generations.split(","):
-      result = search(case, generation, done, prior, write)
-      prior = memory_line(result["points"]) or prior
-  rows = [r for r in done if r["case"] in {c.name for c in cases}]
-  if args.out:
-    with open(args.out) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
-  print(table(rows, own))
+      for name in names:
+        points = [r for r in rows if r["case"] == name and "batch" in r]
+        prior = memory_line(points[-4:]) if points else None
+        search(CASES[name], generation, [r for r in rows if "batch" in r], prior, write,
+               args.hlo_dir, args.max_compiles)
+  print(table(rows))
   return 0
 
 

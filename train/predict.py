@@ -35,9 +35,20 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
-from jaxvision.data.decode import IMAGE_EXTENSIONS, EncodedImage
+from configs import base
+from jaxvision.data.decode import IMAGE_EXTENSIONS, EncodedImage, decode
+from jaxvision.data.task_transforms import build_transform
+from jaxvision.pretrained import load_pretrained
+from jaxvision.segmentation import predict_tiled
+from jaxvision.tasks.classification import ClassificationTask
+from train.build import load_run
+from train.export import parse_spec
 
 
 @dataclasses.dataclass
@@ -70,8 +81,6 @@ class Predictor:
   @classmethod
   def from_run(cls, workdir: str, step: int | None = None) -> Predictor:
     """The run in `workdir` at checkpoint `step`, with its own eval preprocessing."""
-    from train.build import load_run
-
     run = load_run(workdir, step)
     config = run.config
     return cls(run.model, run.variables, run.task, str(config.task),
@@ -82,10 +91,6 @@ class Predictor:
   @classmethod
   def from_pretrained(cls, name: str, spec, **model_kwargs) -> Predictor:
     """Registry model `name` with pretrained weights `spec` and their preprocessing."""
-    from configs import base
-    from jaxvision.models.pretrained import load_pretrained
-    from jaxvision.tasks.classification import ClassificationTask
-
     model, variables, cfg = load_pretrained(name, spec, **model_kwargs)
     data = base.get_config().data  # the trainer's data defaults, with the weights' statistics
     data.normalize, data.eval_crop = cfg.normalize, cfg.crop_pct
@@ -101,8 +106,6 @@ class Predictor:
   def predict_fn(self) -> Callable[[np.ndarray], Any]:
     """images [n, H, W, C] -> the task's predictions, jitted (one compile per batch shape,
     shared by every caller of this predictor)."""
-    import jax
-
     if self._predict is not None:
       return self._predict
     model, task = self.model, self.task
@@ -132,8 +135,6 @@ class Formatter:
   """
 
   def __init__(self, predictor: Predictor, args: argparse.Namespace):
-    from jaxvision.data.transforms import build_transform
-
     self.predictor, self.args = predictor, args
     self.transform = build_transform(predictor.data_config, train=False, task="classification",
                                      image_size=predictor.image_shape[0])
@@ -148,8 +149,6 @@ class Formatter:
 
   def predict(self, images: list[np.ndarray]) -> list[Any]:
     """Predictions of `images`, one per image, in batches of a fixed size (one compile)."""
-    import jax
-
     size = self.predictor.batch_size
     out = []
     for start in range(0, len(images), size):
@@ -191,11 +190,6 @@ class SegmentationFormatter(Formatter):
   """A class-map PNG per image (overlap-tile inference beyond the training size)."""
 
   def __init__(self, predictor: Predictor, args: argparse.Namespace):
-    import jax
-    import jax.numpy as jnp
-
-    from jaxvision.data.transforms import build_transform
-
     self.predictor, self.args = predictor, args
     self.transform = build_transform(predictor.data_config, train=False, task="segmentation",
                                      image_size=None)
@@ -215,8 +209,6 @@ class SegmentationFormatter(Formatter):
 
   def prepare(self, path: str) -> np.ndarray:
     """The normalized full image of file `path`, [H, W, C] float32."""
-    from jaxvision.data.decode import decode
-
     image = decode(EncodedImage(path, mode=_mode(self.predictor.image_shape[-1])))
     batch = self.transform({"image": image[None], "label": np.zeros((1, *image.shape[:2]),
                                                                     np.int32)},
@@ -225,8 +217,6 @@ class SegmentationFormatter(Formatter):
 
   def predict(self, images: list[np.ndarray]) -> list[Any]:
     """Class maps [H, W] of `images`: one pass at the training size, else overlap-tiles."""
-    from jaxvision.segmentation import predict_tiled
-
     out = []
     for image in images:
       if self.same and image.shape == self.predictor.image_shape:
@@ -239,8 +229,6 @@ class SegmentationFormatter(Formatter):
     return out
 
   def record(self, path: str, prediction: Any) -> dict:
-    from PIL import Image
-
     stem = os.path.splitext(os.path.basename(path))[0]
     count = self.names.get(stem, 0)
     self.names[stem] = count + 1
@@ -294,8 +282,6 @@ def predict_files(predictor: Predictor, files: Sequence[str], args: argparse.Nam
                   write: Callable[[dict], None], report: Callable[[str], None]) -> int:
   """Predicts `files`, calling `write(record)` per readable file in order and `report(line)`
   per unreadable one; returns the number of unreadable files."""
-  from tqdm import tqdm
-
   if predictor.task_name not in FORMATTERS:
     raise ValueError(f"train.predict has no output format for task {predictor.task_name!r} "
                      f"(known: {', '.join(FORMATTERS)})")
@@ -371,8 +357,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.workdir:
       predictor = Predictor.from_run(args.workdir, args.step)
     else:
-      from train.export import parse_spec
-
       predictor = Predictor.from_pretrained(args.model, parse_spec(args.pretrained))
     if args.batch_size:
       predictor.batch_size = args.batch_size

@@ -43,8 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
+from jaxvision.convert import hub
 from jaxvision.layers.embed import resample_posemb
 from jaxvision.models.vit import stack_blocks, unstack_blocks
+from jaxvision.pretrained import load_pretrained
 from train.build import build_model
 from train.checkpoint import restore_params
 
@@ -114,8 +116,10 @@ def checkpoint_dir(path: str) -> tuple[str, str | None]:
   return directory, config if os.path.exists(config) else None
 
 
-def load_weights(init_from: str) -> tuple[dict, dict, dict | None]:
+def load_weights(init_from: str, config) -> tuple[dict, dict, dict | None]:
   """(flat params, flat batch_stats, the source run's config or None) from `init_from`."""
+  if _published(init_from):
+    return _pretrained_weights(init_from, config)
   if not os.path.exists(init_from):
     raise FileNotFoundError(f"init_from {init_from}: no such file or directory")
   if os.path.isdir(init_from):
@@ -239,9 +243,32 @@ def _summary(init_from: str, what: str, report: dict) -> str:
   return "; ".join(parts)
 
 
+def _published(init_from: str) -> bool:
+  """Whether `init_from` names published weights (jaxvision.pretrained reads them): a hf-hub:
+  spec, a .safetensors or torch file, a Hub-style folder, an official ViT .npz."""
+  if not hub.is_spec(init_from):
+    return False
+  if init_from.endswith(".npz"):  # jaxvision's own .npz keeps the path below (init_skip etc.)
+    return os.path.exists(init_from) and hub.read_weights(init_from).layout == "vit_npz"
+  return True
+
+
+def _pretrained_weights(spec: str, config) -> tuple[dict, dict, None]:
+  """Published weights as this run's model takes them (head, position embedding fitted by
+  jaxvision.pretrained); a preprocessing unlike the run's is warned about."""
+  kwargs = dict(config.model_kwargs.to_dict())
+  _, variables, pretrained = load_pretrained(config.model, spec,
+                                             num_classes=int(config.num_classes), **kwargs)
+  if pretrained.normalize != config.data.normalize:
+    log.warning("init_from %s expects data.normalize=%r but this run uses %r; the weights see "
+                "inputs of another distribution (set --config.data.normalize=%s)", spec,
+                pretrained.normalize, config.data.normalize, pretrained.normalize)
+  return flatten(variables["params"]), flatten(variables.get("batch_stats", {})), None
+
+
 def initialize_from(state, init_from: str, config):
   """`state` (freshly initialised) with params and batch_stats loaded from `init_from`."""
-  loaded_params, loaded_stats, source_config = load_weights(init_from)
+  loaded_params, loaded_stats, source_config = load_weights(init_from, config)
   fresh_params = flatten(state.params)
   loaded_params = _match_block_layout(loaded_params, fresh_params)
   prefix, grid = _vit_geometry(config, fresh_params)

@@ -8,6 +8,10 @@ KIND is one of
   confusion     confusion matrix with per-class precision and recall over the eval split
   curves        training curves from WORKDIR/metrics.jsonl (no checkpoint needed)
   segmentation  image | mask | prediction | errors for eval images of a segmentation run
+  boxes         eval images of a detection run with its detections (class name, score) and the
+                ground truth (white), one PNG each (--min-score hides weaker detections)
+  captions      eval images of a captioning run with the generated caption and, per word, its
+                cross-attention over the image patches, one PNG each
 
 The run is rebuilt from WORKDIR/config.json and its latest checkpoint (or --step); the data is
 the run's eval split (or --split). Figures go to --out (default WORKDIR/viz) and their paths are
@@ -35,7 +39,8 @@ from jaxvision.interpret.gradcam import gradcam
 from jaxvision.interpret.posemb import model_posemb, posemb_similarity
 from train.build import load_run
 
-KINDS = ("gradcam", "attention", "rollout", "posemb", "confusion", "curves", "segmentation")
+KINDS = ("gradcam", "attention", "rollout", "posemb", "confusion", "curves", "segmentation",
+         "boxes", "captions")
 
 
 # Examples read to choose the drawn ones from: enough to find every class of a large split.
@@ -91,6 +96,70 @@ def _predict(model, variables, images: np.ndarray, batch_size: int) -> np.ndarra
   return np.concatenate(outputs)
 
 
+# Detection pictures are enlarged to at least this many pixels on their shorter side, so the
+# class and score labels (PIL's default font, ~11 px) do not hide small objects.
+_BOXES_MIN_SIDE = 384
+
+
+def detection_pictures(run_, split: str, num: int, out: str, min_score: float) -> list[str]:
+  """PNGs of the first `num` examples of `split` with the run's detections scoring at least
+  `min_score` and the ground truth drawn (jaxvision.detection.draw), enlarged by a whole
+  factor (nearest neighbour) so the labels stay legible; returns their paths."""
+  from jaxvision.detection.draw import save_detections
+
+  config, task, model, variables = run_.config, run_.task, run_.model, run_.variables
+  if config.task != "detection":
+    raise ValueError(f"boxes needs a detection run; the run's task is {config.task!r}")
+  forward = lambda *a, **kw: model.apply(variables, *a, train=False, **kw)
+  predict = jax.jit(lambda batch: task.predict(forward, batch))
+  names = [str(n) for n in config.data_info.class_names] or None
+  os.makedirs(out, exist_ok=True)
+  paths: list[str] = []
+  for batch in create_input(config, split, train=False).eval_batches():
+    pred = jax.device_get(predict(batch))
+    for i in np.nonzero(np.asarray(batch["valid"], bool))[0]:
+      if len(paths) >= num:
+        return paths
+      image = np.asarray(batch["image"][i])
+      zoom = max(1, -(-_BOXES_MIN_SIDE // min(image.shape[:2])))
+      image = np.repeat(np.repeat(image, zoom, axis=0), zoom, axis=1)
+      # Detections are in original-image pixels; the picture is the model's input.
+      to_input = np.tile(batch["scale"][i], 2), np.tile(batch["offset"][i], 2)
+      boxes = (np.asarray(pred["boxes"][i]) * to_input[0] + to_input[1]) * zoom
+      paths.append(save_detections(
+          os.path.join(out, f"boxes_{len(paths):03d}.png"), image, boxes, pred["scores"][i],
+          pred["classes"][i], valid=pred["valid"][i], class_names=names,
+          score_threshold=min_score, gt_boxes=np.asarray(batch["boxes"][i]) * zoom,
+          gt_classes=batch["classes"][i], gt_valid=batch["box_valid"][i]))
+  if not paths:
+    raise ValueError(f"split {split!r} of {config.dataset} has no examples")
+  return paths
+
+
+def caption_pictures(run_, split: str, num: int, out: str) -> list[str]:
+  """The captioning task's pictures (`CaptioningTask.save_pictures`) of the first `num`
+  examples of `split`: each image, its generated caption and every word's cross-attention."""
+  import dataclasses
+
+  if run_.config.task != "captioning":
+    raise ValueError(f"captions needs a captioning run; the run's task is {run_.config.task!r}")
+  task = dataclasses.replace(run_.task, pictures=num)
+  images = []
+  for batch in create_input(run_.config, split, train=False).eval_batches():
+    images += list(np.asarray(batch["image"])[np.asarray(batch["valid"], bool)])
+    if len(images) >= num:
+      break
+  if not images:
+    raise ValueError(f"split {split!r} of {run_.config.dataset} has no examples")
+  images = np.stack(images[:num])
+  forward = lambda *a, **kw: run_.model.apply(run_.variables, *a, train=False, **kw)
+  predict = jax.jit(lambda x: task.predict(forward, {"image": x}))
+  size = int(run_.config.eval_batch_size)
+  parts = [jax.device_get(predict(images[i:i + size])) for i in range(0, len(images), size)]
+  predictions = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+  return task.save_pictures(os.path.join(out, "caption_"), {"image": images}, predictions)
+
+
 def run(kind: str, args) -> list[str]:
   """Draws figure `kind` for the run in args.workdir; returns the written paths."""
   from jaxvision.interpret import plots
@@ -117,6 +186,10 @@ def run(kind: str, args) -> list[str]:
     return [plots.save_figure(fig, os.path.join(out, "posemb.png"))]
 
   split = args.split or config.eval_split or config.train_split
+  if kind == "boxes":
+    return detection_pictures(run_, split, args.num, out, args.min_score)
+  if kind == "captions":
+    return caption_pictures(run_, split, args.num, out)
   num = None if kind == "confusion" else args.num
   data = eval_examples(config, split, num)
   batch = int(config.eval_batch_size)
@@ -198,6 +271,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--class-index", type=int, default=None,
                       help="gradcam: class to explain (default: the predicted one)")
   parser.add_argument("--metrics", default="", help="curves: comma-separated metric names")
+  parser.add_argument("--min-score", type=float, default=0.3,
+                      help="boxes: draw detections scoring at least this (default: %(default)s)")
   parser.add_argument("--dpi", type=int, default=100, help="pixels per inch of the PNG files")
   args = parser.parse_args(argv)
   if args.num < 1:

@@ -9,25 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from jaxvision.convert import hf_vit_gpt2, timm_vit, torchvision_cnn, torchvision_detection, vit_npz
+
 # Registry names of the one-stage detectors (jaxvision.convert.torchvision_detection).
 DETECTION_PREFIXES = ("ssd", "retinanet", "fcos")
 
 
 def _backend(name: str):
   if name.startswith("vit_gpt2"):
-    from jaxvision.convert import hf_vit_gpt2
-
     return hf_vit_gpt2
   if name.startswith("vit"):
-    from jaxvision.convert import timm_vit
-
     return timm_vit
   if name.startswith(DETECTION_PREFIXES):
-    from jaxvision.convert import torchvision_detection
-
     return torchvision_detection
-  from jaxvision.convert import torchvision_cnn
-
   return torchvision_cnn
 
 
@@ -50,23 +44,17 @@ def from_vit_npz(name_or_model, npz, **model_kwargs) -> dict:
   Keyword arguments are model constructor arguments (e.g. `image_size`, `num_classes`), as for
   `jaxvision.convert.vit_npz.from_vit_npz`.
   """
-  from jaxvision.convert.vit_npz import from_vit_npz as convert
-
-  return convert(name_or_model, npz, **model_kwargs)
+  return vit_npz.from_vit_npz(name_or_model, npz, **model_kwargs)
 
 
 def from_hf(name: str, state_dict: dict[str, Any], **kwargs) -> dict:
   """A Hugging Face ViT + GPT-2 VisionEncoderDecoderModel state dict -> Flax variables of
   captioner `name` (jaxvision.convert.hf_vit_gpt2)."""
-  from jaxvision.convert import hf_vit_gpt2
-
   return hf_vit_gpt2.from_hf(name, state_dict, **kwargs)
 
 
 def to_hf(name: str, variables: dict, **kwargs) -> dict:
   """Flax variables of captioner `name` -> a Hugging Face state dict of numpy arrays."""
-  from jaxvision.convert import hf_vit_gpt2
-
   return hf_vit_gpt2.to_hf(name, variables, **kwargs)
 
 

@@ -14,7 +14,8 @@ from configs import base
 from jaxvision.data.pipeline import ArrayInput
 from jaxvision.data.source import ArraySource, check_num_classes, select_split
 from jaxvision.data.splits import split_indices
-from jaxvision.data.transforms import Normalize, build_transform
+from jaxvision.data.task_transforms import build_transform
+from jaxvision.data.transforms import Normalize
 
 # scheme -> module with load(arg, split, image_size=None, data_config=None) returning
 # {split name: source}.

@@ -31,6 +31,7 @@ from jaxvision.data.detection_source import (
   maybe_cache,
   probe_all,
 )
+from jaxvision.data.splits import named_splits
 
 PREFIX, SUFFIX = "instances_", ".json"
 
@@ -154,8 +155,6 @@ def load(arg: str, split: str, image_size: int | None = None, data_config=None
          ) -> dict[str, DetectionSource]:
   """The splits `split` names, each a DetectionSource (decoded into memory when it fits)."""
   del image_size
-  from jaxvision.data.tfds import named_splits
-
   files = annotation_files(arg)
   wanted = [s for s in named_splits(split) if s in files] or list(files)[:1]
   unknown = [s for s in named_splits(split) if s not in files]

@@ -27,12 +27,21 @@ import json
 import logging
 import os
 
-import ml_collections
 import numpy as np
 
-from jaxvision.data.decode import EncodedImage, decode_mode, default_workers, parallel_map, probe
+from jaxvision.data.decode import (
+    EncodedImage,
+    decode_crop_resize,
+    decode_mode,
+    default_workers,
+    parallel_map,
+    probe,
+)
 from jaxvision.data.files import decode_all
 from jaxvision.data.source import union_skipped
+from jaxvision.data.splits import named_splits
+from jaxvision.data.tfds_builder import as_dataset, get_builder, import_tf, split_sizes
+from jaxvision.data.transforms import Normalize, normalization
 
 log = logging.getLogger(__name__)
 PREFIX, SUFFIX = "captions_", ".json"
@@ -243,8 +252,7 @@ def read_coco_split(path: str, image_dir: str, problems: BadRecords
 
 
 def wanted_splits(split: str, known) -> list[str]:
-  from jaxvision.data.tfds import named_splits
-
+  """The split names `split` refers to, each one of `known` (a one-line error otherwise)."""
   names = named_splits(split)
   unknown = [n for n in names if n not in known]
   if unknown:
@@ -256,10 +264,6 @@ def load(arg: str, split: str, image_size: int | None = None,
          data_config=None) -> dict[str, CaptionSource]:
   """The splits `split` names, each a CaptionSource (TFDS's coco_captions for 'tfds[:NAME]')."""
   del image_size  # the transform resizes
-  if data_config is None:
-    from configs import base
-
-    data_config = base.get_config().data
   if arg == "tfds" or arg.startswith("tfds:"):
     return load_tfds(arg.partition(":")[2] or "coco_captions", split, data_config)
   files = annotation_files(arg)
@@ -273,19 +277,17 @@ def load(arg: str, split: str, image_size: int | None = None,
 
 def load_tfds(name: str, split: str, data_config) -> dict[str, CaptionSource]:
   """TFDS `name` (features image, image/id, captions/text) as CaptionSources of encoded images."""
-  from jaxvision.data import tfds as jv_tfds
-
-  _, tfds = jv_tfds.import_tf()
-  builder = jv_tfds.get_builder(name, data_config)
+  _, tfds = import_tf()
+  builder = get_builder(name, data_config)
   features = builder.info.features
   if "image" not in features or "captions" not in features:
     raise ValueError(f"dataset tfds:{name}: no 'image' and 'captions' features; it has "
                      f"{sorted(features)}")
-  known = jv_tfds.split_sizes(builder)
+  known = split_sizes(builder)
   sources = {}
-  for split_name in (wanted_splits(split, known) if known else jv_tfds.named_splits(split)):
-    ds = jv_tfds.as_dataset(builder, split_name, shuffle_files=False,
-                            decoders={"image": tfds.decode.SkipDecoding()})
+  for split_name in (wanted_splits(split, known) if known else named_splits(split)):
+    ds = as_dataset(builder, split_name, shuffle_files=False,
+                    decoders={"image": tfds.decode.SkipDecoding()})
     images, captions, image_ids = [], [], []
     problems = BadRecords(bool(data_config.skip_bad), f"coco_captions:tfds:{name} {split_name}")
     for k, example in enumerate(tfds.as_numpy(ds)):
@@ -311,9 +313,6 @@ def captioning_transform(data_config, *, train: bool, image_size: int | None):
   """The captioning transform: each whole image resized to image_size x image_size (no crop
   and no flip: a caption may say what is where), normalized; `caption` is one caption per
   example, drawn from the step's generator in training, the first one in evaluation."""
-  from jaxvision.data.decode import decode_crop_resize
-  from jaxvision.data.transforms import Normalize, normalization
-
   if train and data_config.augment:
     raise ValueError(f"data.augment={data_config.augment!r}: captioning takes no augmentation "
                      "(crops and flips change what a caption says)")
@@ -350,21 +349,3 @@ def captioning_transform(data_config, *, train: bool, image_size: int | None):
     return {**batch, "image": norm(images), "caption": chosen}
 
   return transform
-
-
-def caption_references(uri: str, split: str, data_config=None) -> dict[int, tuple[str, ...]]:
-  """{example id: captions} of `split` of caption dataset `uri`, with the ids its input gives
-  (the same loader, bad-record handling and slicing); images are not decoded."""
-  from jaxvision.data import load_source
-
-  if data_config is None:
-    from configs import base
-
-    data_config = base.get_config().data
-  data_config = ml_collections.ConfigDict(dict(data_config.items()))
-  data_config.cache_mb = 0  # captions only: no image is decoded
-  source = load_source(uri, split, data_config=data_config)
-  if not hasattr(source, "references"):
-    raise ValueError(f"dataset {uri} has no captions (task 'captioning' needs coco_captions:, "
-                     "flickr: or another caption source)")
-  return source.references()

@@ -135,10 +135,6 @@ def load(arg: str, split: str, image_size: int | None = None,
          data_config=None) -> dict[str, CaptionSource]:
   """The splits `split` names, each a CaptionSource."""
   del image_size  # the transform resizes
-  if data_config is None:
-    from configs import base
-
-    data_config = base.get_config().data
   layout, path = find_layout(arg)
   folder = image_dir(arg)
   what = f"flickr:{arg}"

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from jaxvision.data.source import ArraySource
-from jaxvision.data.transforms import Transform, build_transform
+from jaxvision.data.task_transforms import build_transform
+from jaxvision.data.transforms import Transform
 from jaxvision.imbalance import balanced_epoch_order
 
 

@@ -49,3 +49,16 @@ def split_indices(split: str, sizes: dict[str, int]) -> list[tuple[str, np.ndarr
   if sum(len(idx) for _, idx in parts) == 0:
     raise ValueError(f"split {split!r} selects no example (sizes: {sizes})")
   return parts
+
+
+_NAME = re.compile(r"^\s*([\w-]+)")
+
+
+def named_splits(split: str) -> list[str]:
+  """The split names a slicing expression refers to, in order ('train[:5]+test' -> train, test)."""
+  names = []
+  for piece in split.split("+"):
+    match = _NAME.match(piece)
+    if match and match[1] not in names:
+      names.append(match[1])
+  return names

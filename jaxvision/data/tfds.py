@@ -11,88 +11,21 @@ Two paths, chosen by `data.stream`:
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 
 from jaxvision.data import tfds_detection
 from jaxvision.data.source import ArraySource, select_split
-from jaxvision.data.splits import split_indices
-
-
-class MissingDependencyError(ImportError, ValueError):
-  """An optional dependency is not installed (a ValueError too, so the trainer prints one line)."""
-
-
-def import_tf():
-  """(tensorflow, tensorflow_datasets), imported on first use, with TF kept off the GPUs."""
-  try:
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-  except ImportError:
-    raise MissingDependencyError(
-        "dataset 'tfds:...' needs TensorFlow Datasets: pip install 'jaxvision[tfds]'"
-    ) from None
-  try:
-    # JAX owns the accelerators; TF only reads and decodes on the CPU.
-    tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:  # TF already initialised its devices (a second call): nothing to do
-    pass
-  return tf, tfds
-
-
-def get_builder(name: str, data_config):
-  """The TFDS builder of `name` (with its data_dir from data.tfds_dir)."""
-  if not name:
-    raise ValueError("dataset 'tfds:' needs a dataset name, e.g. tfds:mnist")
-  _, tfds = import_tf()
-  data_dir = data_config.tfds_dir or None
-  try:
-    return tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
-    raise ValueError(f"dataset tfds:{name}: TFDS has no dataset {name!r}") from None
-
-
-def feature_keys(builder) -> tuple[str, str]:
-  """(image key, label key) of a classification dataset."""
-  info = builder.info
-  keys = info.supervised_keys
-  if isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys):
-    return keys
-  if "image" in info.features and "label" in info.features:
-    return "image", "label"
-  raise ValueError(
-      f"dataset tfds:{builder.name}: no (image, label) features; it has {sorted(info.features)}"
-  )
-
-
-def split_sizes(builder) -> dict[str, int]:
-  """{split: examples} from the dataset info (empty when the info does not know, e.g. mocked)."""
-  return {name: int(s.num_examples) for name, s in builder.info.splits.items()}
-
-
-_NAME = re.compile(r"^\s*([\w-]+)")
-
-
-def named_splits(split: str) -> list[str]:
-  """The split names a slicing expression refers to, in order ('train[:5]+test' -> train, test)."""
-  names = []
-  for piece in split.split("+"):
-    match = _NAME.match(piece)
-    if match and match[1] not in names:
-      names.append(match[1])
-  return names
-
-
-def as_dataset(builder, split: str, **kwargs):
-  """builder.as_dataset, with a one-line error when the dataset was never prepared."""
-  try:
-    return builder.as_dataset(split=split, **kwargs)
-  except AssertionError as e:  # TFDS asserts when the dataset was never prepared
-    raise FileNotFoundError(
-        f"dataset tfds:{builder.name} is not prepared in {builder.data_dir} "
-        f"(run `tfds build {builder.name}` or set data.tfds_dir): {str(e).splitlines()[0]}"
-    ) from None
+from jaxvision.data.splits import named_splits, split_indices
+from jaxvision.data.tfds_builder import (
+    as_dataset,
+    class_names_of,
+    feature_keys,
+    get_builder,
+    import_tf,
+    num_classes_of,
+    split_sizes,
+)
 
 
 def read_arrays(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -109,18 +42,6 @@ def read_arrays(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"split {split!r} of tfds:{builder.name} selects no example")
   images, labels = np.concatenate(images), np.concatenate(labels).astype(np.int32)
   return (images if images.ndim == 4 else images[..., None]), labels
-
-
-def num_classes_of(builder) -> int:
-  """The class count of the label feature (0 when it has none)."""
-  feature = builder.info.features[feature_keys(builder)[1]]
-  return int(getattr(feature, "num_classes", 0) or 0)
-
-
-def class_names_of(builder) -> tuple[str, ...]:
-  """The label feature's class names ((): a label without names)."""
-  feature = builder.info.features[feature_keys(builder)[1]]
-  return tuple(getattr(feature, "names", None) or ())
 
 
 def _named_sources(builder, split: str) -> dict[str, ArraySource]:

@@ -21,6 +21,9 @@ from PIL import Image
 
 from jaxvision.data.decode import EncodedImage
 from jaxvision.data.detection_source import DetectionSource, Problems, check_box
+from jaxvision.data.source import select_split
+from jaxvision.data.splits import named_splits, split_indices
+from jaxvision.data.tfds_builder import as_dataset, import_tf, split_sizes
 
 
 def is_detection(builder) -> bool:
@@ -39,8 +42,6 @@ def _split_bytes(builder, name: str) -> int:
 
 def read_split(builder, name: str, data_config) -> DetectionSource:
   """Every example of split `name` (a plain split name) as a DetectionSource."""
-  from jaxvision.data.tfds import as_dataset, import_tf
-
   tf, tfds = import_tf()
   cache_mb = float(data_config.cache_mb)
   if _split_bytes(builder, name) > cache_mb * 2**20:
@@ -113,20 +114,12 @@ def read_split(builder, name: str, data_config) -> DetectionSource:
 
 def load(builder, split: str, data_config) -> dict[str, DetectionSource]:
   """{split name: DetectionSource} of the plain splits the expression `split` names."""
-  from jaxvision.data.splits import split_indices
-  from jaxvision.data.tfds import named_splits, split_sizes
-
   known = split_sizes(builder)
   if known:  # a bad or empty selection fails before anything is read
     split_indices(split, known)
   return {name: read_split(builder, name, data_config) for name in named_splits(split)}
 
 
-def materialise(builder, split: str, data_config=None) -> DetectionSource:
-  """The selection `split` (TFDS slicing syntax) as one DetectionSource (`data_config`:
-  configs/base.py's data section when not given)."""
-  from configs import base
-  from jaxvision.data.source import select_split
-
-  data_config = base.get_config().data if data_config is None else data_config
+def materialise(builder, split: str, data_config) -> DetectionSource:
+  """The selection `split` (TFDS slicing syntax) as one DetectionSource."""
   return select_split(load(builder, split, data_config), split)

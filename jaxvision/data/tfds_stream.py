@@ -20,7 +20,7 @@ from jaxvision.data.augment import parse_augment
 from jaxvision.data.pipeline import ArrayInput, prefetch_in_thread
 from jaxvision.data.source import check_num_classes
 from jaxvision.data.splits import split_indices
-from jaxvision.data.transforms import build_transform
+from jaxvision.data.task_transforms import build_transform
 
 
 def _seed(*values: int) -> int:

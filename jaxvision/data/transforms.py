@@ -309,28 +309,3 @@ def segmentation_transform(data_config, *, train: bool, image_size: int | None) 
     }
 
   return transform
-
-
-def build_transform(
-    data_config, *, train: bool, task: str, image_size: int | None = None, geometry: bool = True,
-    max_boxes: int | None = None,
-) -> Transform:
-  """The host-side transform of a split (see the module docstring); `geometry=False` skips the
-  crop/resize stage for pipelines that crop before batching (the TFDS stream); `max_boxes`:
-  detection's boxes per image (jaxvision.data.detection_transform, default 100)."""
-  if task == "detection":
-    from jaxvision.data.detection_transform import DEFAULT_MAX_BOXES, detection_transform
-
-    return detection_transform(data_config, train=train, image_size=image_size,
-                               max_boxes=max_boxes or DEFAULT_MAX_BOXES)
-  if task == "segmentation":
-    return segmentation_transform(data_config, train=train, image_size=image_size)
-  if task == "captioning":
-    from jaxvision.data.coco_captions import captioning_transform
-
-    return captioning_transform(data_config, train=train, image_size=image_size)
-  if task != "classification":
-    raise ValueError(f"no transform for task {task!r}")
-  return classification_transform(
-      data_config, train=train, image_size=image_size, geometry=geometry
-  )

@@ -22,8 +22,10 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
+from jaxvision.data.coco import build_source
 from jaxvision.data.decode import default_workers
 from jaxvision.data.detection_source import Problems, check_box, image_mode, maybe_cache, probe_all
+from jaxvision.data.splits import named_splits
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -102,9 +104,6 @@ def parse_annotation(path: str, index: dict[str, int], problems: Problems):
 def load(arg: str, split: str, image_size: int | None = None, data_config=None):
   """The splits `split` names, each a DetectionSource."""
   del image_size
-  from jaxvision.data.coco import build_source
-  from jaxvision.data.tfds import named_splits
-
   files = split_files(arg)
   unknown = [s for s in named_splits(split) if s not in files]
   if unknown:

@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from jaxvision.data.coco import build_source
 from jaxvision.data.decode import (
   IMAGE_EXTENSIONS,
   decode_mode,
@@ -24,6 +25,7 @@ from jaxvision.data.decode import (
   probe,
 )
 from jaxvision.data.detection_source import Problems, check_box, maybe_cache
+from jaxvision.data.splits import named_splits
 
 
 def class_names(root: str) -> tuple[str, ...]:
@@ -105,9 +107,6 @@ def read_labels(path: str, width: int, height: int, num_classes: int, problems: 
 def load(arg: str, split: str, image_size: int | None = None, data_config=None):
   """The splits `split` names, each a DetectionSource."""
   del image_size
-  from jaxvision.data.coco import build_source
-  from jaxvision.data.tfds import named_splits
-
   dirs = split_dirs(arg)
   unknown = [s for s in named_splits(split) if s not in dirs]
   if unknown:

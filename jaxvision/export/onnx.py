@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
-from jaxvision.export import Exportable, write_metadata
+from jaxvision.export.artifact import Exportable, write_metadata
 
 MODEL_NAME = "model.onnx"
 INPUT_NAME = "images"

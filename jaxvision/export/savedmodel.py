@@ -18,10 +18,10 @@ import os
 import shutil
 import tempfile
 
-from jaxvision.export import METADATA_NAME, Exportable, write_metadata
+from jaxvision.export.artifact import METADATA_NAME, Exportable, write_metadata
 
 
-def _tensorflow():
+def tensorflow():
   try:
     import tensorflow as tf
   except ImportError:
@@ -32,7 +32,7 @@ def _tensorflow():
 
 def export_savedmodel(exportable: Exportable, out_dir: str) -> list[str]:
   """Writes the SavedModel (metadata among its assets) and metadata.json to `out_dir`."""
-  tf = _tensorflow()
+  tf = tensorflow()
   from jax.experimental import jax2tf
 
   h, w, c = exportable.input_shape

@@ -23,7 +23,7 @@ import os
 import jax
 import numpy as np
 
-from jaxvision.export import Exportable, write_metadata
+from jaxvision.export.artifact import Exportable, write_metadata
 
 MODULE_NAME = "model.jax_export"
 WEIGHTS_NAME = "weights.npz"

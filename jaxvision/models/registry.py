@@ -59,19 +59,9 @@ def model_info(name: str) -> ModelInfo:
   return _REGISTRY[name]
 
 
-def create_model(name: str, *, pretrained=None, **kwargs) -> nn.Module:
-  """Builds the registered variant `name`; keyword arguments override its defaults.
-
-  With `pretrained` (True for the variant's default weights, 'hf-hub:ORG/REPO[@REVISION]', or
-  a weights file; see jaxvision.models.pretrained) the module is built as the weights imply,
-  loaded, and returned bound to its variables: `model(x)` runs it, `model.unbind()` gives
-  (module, variables). `jaxvision.load_pretrained` also returns the weights' preprocessing.
-  """
-  if pretrained is not None and pretrained is not False:
-    from jaxvision.models.pretrained import load_pretrained
-
-    model, variables, _ = load_pretrained(name, pretrained, **kwargs)
-    return model.bind(variables)
+def create_model(name: str, **kwargs) -> nn.Module:
+  """Builds the registered variant `name`; keyword arguments override its defaults (with
+  published weights: `jaxvision.create_model(name, pretrained=...)`)."""
   info = model_info(name)
   kwargs.setdefault("num_classes", info.num_classes)
   return info.builder(**kwargs)

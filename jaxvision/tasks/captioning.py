@@ -14,7 +14,7 @@
                 captions against every reference caption of each image, looked up by id
 
 The references of the eval split are read once, on first use, through the same loader as the
-eval input (`jaxvision.data.coco_captions.caption_references`, no image decoded), or given with
+eval input (`caption_references`, no image decoded), or given with
 `with_references`.
 """
 
@@ -29,9 +29,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from jaxvision.captioning.metrics import caption_metrics
+from jaxvision.data import load_source
 from jaxvision.tasks.base import TaskBase, image_spec
 from jaxvision.text.generate import DecodeOptions, generate
 from jaxvision.text.tokenizer import (
@@ -144,8 +146,6 @@ class CaptioningTask(TaskBase):
   @classmethod
   def from_config(cls, config) -> CaptioningTask:
     """The task as the resolved run config (`config.caption`) describes it."""
-    from jaxvision.data.coco_captions import caption_references
-
     caption = config.caption
     dataset, split, data = str(config.dataset), str(config.eval_split), config.data
     return cls(
@@ -326,3 +326,15 @@ def attention_picture(image: np.ndarray, tokens: np.ndarray, attention: np.ndarr
     canvas.paste(Image.fromarray(tinted), (x, y))
     draw.text((x + 2, y + size[1] + 1), word[:12], fill=(0, 0, 0))
   return canvas
+
+
+def caption_references(uri: str, split: str, data_config) -> dict[int, tuple[str, ...]]:
+  """{example id: captions} of `split` of caption dataset `uri`, with the ids its input gives
+  (the same loader, bad-record handling and slicing); images are not decoded."""
+  data_config = ml_collections.ConfigDict(dict(data_config.items()))
+  data_config.cache_mb = 0  # captions only: no image is decoded
+  source = load_source(uri, split, data_config=data_config)
+  if not hasattr(source, "references"):
+    raise ValueError(f"dataset {uri} has no captions (task 'captioning' needs coco_captions:, "
+                     "flickr: or another caption source)")
+  return source.references()

@@ -22,6 +22,7 @@ softmax head has K + 1, column 0 the background (`num_model_classes`).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -279,6 +280,7 @@ class DetectionTask(TaskBase):
     """One PNG per example: the model's input image with its detections (class name and score)
     and the ground truth (white) drawn; files `{path_prefix}{i}.png`."""
     names = self.class_names or None
+    os.makedirs(os.path.dirname(path_prefix) or ".", exist_ok=True)
     paths = []
     for i in range(len(batch["image"])):
       # Predictions are in original pixels; the picture is the model's input.

@@ -23,11 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from jaxvision.models import create_model
 
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 METHODS = ("greedy", "beam", "sample")
@@ -275,13 +280,6 @@ def benchmark(model_name: str = "vit_gpt2", batch_size: int = 8, new_tokens: int
   fixed-length sequence), the seconds of encoding the images (and filling the cache's
   image keys/values) that both share, and each one's compile seconds; medians of `repeats`
   timed runs after one compile."""
-  import statistics
-  import time
-
-  import numpy as np
-
-  from jaxvision.models import create_model
-
   model = create_model(model_name)
   size = model.image_size
   shapes = jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t),

@@ -34,9 +34,22 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 
-from jaxvision.convert import hub
+from jaxvision import convert
+from jaxvision.convert import hub, timm_vit, torchvision_cnn
+from jaxvision.data.transforms import NORMALIZE_PRESETS
+from jaxvision.layers.embed import to_pair
+from jaxvision.models import create_model, model_info
+from jaxvision.models.alexnet import AlexNet
+from jaxvision.models.densenet import DenseNet
+from jaxvision.models.googlenet import GoogLeNet
+from jaxvision.models.resnet import ResNet
+from jaxvision.models.vgg import VGG
+from jaxvision.models.vit import VisionTransformer, load_at_image_size
 
 log = logging.getLogger("jaxvision")
 
@@ -108,7 +121,6 @@ class PretrainedConfig:
   @property
   def normalize(self) -> str:
     """The `config.data.normalize` value of these statistics (a preset name when one fits)."""
-    from jaxvision.data.transforms import NORMALIZE_PRESETS
 
     channels = len(self.mean)
     for name, (mean, std) in NORMALIZE_PRESETS.items():
@@ -163,14 +175,6 @@ def default_weights(name: str) -> str:
 
 def _family(name: str) -> str | None:
   """'vit', 'cnn' (a torchvision layout) or None (jaxvision's own layout only)."""
-  from jaxvision.models import create_model
-  from jaxvision.models.alexnet import AlexNet
-  from jaxvision.models.densenet import DenseNet
-  from jaxvision.models.googlenet import GoogLeNet
-  from jaxvision.models.resnet import ResNet
-  from jaxvision.models.vgg import VGG
-  from jaxvision.models.vit import VisionTransformer
-
   model = create_model(name)
   if isinstance(model, VisionTransformer):
     return "vit"
@@ -216,8 +220,6 @@ def _first_difference(expected: Mapping[str, tuple], given: Mapping[str, tuple])
 
 def _torch_layout(name: str, family: str, state_dict: dict, kwargs: dict) -> dict[str, tuple]:
   """The torch-layout keys and shapes the model that `state_dict` implies would have."""
-  from jaxvision.convert import timm_vit, torchvision_cnn
-  from jaxvision.models import create_model
 
   if family == "vit":
     model = create_model(name, **timm_vit.infer_kwargs(state_dict, kwargs))
@@ -242,9 +244,6 @@ def _from_state_dict(name: str, family: str, weights: hub.Weights, state_dict: d
                      kwargs: dict) -> tuple[dict, dict]:
   """(Flax variables, the constructor arguments they were built with) from a torch-layout
   state dict; a one-line error naming the file and the first differing key."""
-  from jaxvision import convert
-  from jaxvision.convert import timm_vit
-  from jaxvision.models import create_model
 
   if family == "vit":
     kwargs = {**_hub_hints(weights.config), **kwargs}
@@ -274,8 +273,6 @@ def _is_head(path: str) -> bool:
 def input_shape(name: str, model) -> tuple[int, int, int]:
   """An (H, W, C) input that `model` (registry variant `name`) takes: a ViT's own image size,
   else the registry's default input."""
-  from jaxvision.layers.embed import to_pair
-  from jaxvision.models import model_info
 
   default = model_info(name).input_shape
   size = getattr(model, "image_size", None)
@@ -288,10 +285,7 @@ def fit_variables(model, variables: dict, *, source: str, input_shape: tuple[int
   another class count replaced by a fresh one, a ViT position embedding of another grid
   resampled; anything else that differs is a one-line ValueError naming `source` and the
   first differing path."""
-  import jax
-  import jax.numpy as jnp
 
-  from jaxvision.models.vit import VisionTransformer, load_at_image_size
 
   key = jax.random.key(0)
   init = lambda: model.init({"params": key, "dropout": key}, jnp.zeros((1, *input_shape)),
@@ -381,8 +375,6 @@ def load_pretrained(name: str, spec: Any = True, **model_kwargs) -> tuple[Any, d
   """(model, variables, PretrainedConfig) of registry variant `name` with the weights of
   `spec` (True: `DEFAULT_WEIGHTS[name]`); `model_kwargs` override the constructor arguments
   the weights imply (see the module docstring)."""
-  from jaxvision import convert
-  from jaxvision.models import create_model
 
   spec = default_weights(name) if spec is True else spec
   weights = hub.read_weights(spec)
@@ -439,9 +431,7 @@ def save_pretrained(directory: str, name: str, variables: dict,
   """Writes `variables` of variant `name` as a Hub-style folder (model.safetensors in
   timm/torchvision layout when the family has one, else jaxvision's; config.json in timm's
   format) that `load_pretrained(name, directory)` and the Hub loader read; returns the folder."""
-  from safetensors.numpy import save_file
 
-  from jaxvision import convert
 
   os.makedirs(directory, exist_ok=True)
   if _family(name) is not None:

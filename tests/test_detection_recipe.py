@@ -1,0 +1,81 @@
+"""The detect_digits recipe through the real trainer: each preset trains on a tiny COCO-format
+set of canvases of scikit-learn digits (read by the `coco:` reader), evaluates COCO AP on the
+held-out canvases, draws its eval detections at the end of the run, and
+`python -m train.viz boxes` draws them again from the saved run."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_configs import digit_canvases
+
+from configs import detect_digits
+from conftest import read_metrics, small_config
+from jaxvision.tasks.detection import METRICS
+from train import loop, viz
+
+# The default preset runs in the default suite; the other detectors are the slow cases.
+PRESETS = [p if p == detect_digits.PRESETS[0] else pytest.param(p, marks=pytest.mark.slow)
+           for p in detect_digits.PRESETS]
+SIZE = 64
+
+
+def _run(preset: str, tmp_path) -> tuple:
+  """A 3-step run of `preset` on the stand-in canvases: (workdir, final metrics)."""
+  config = detect_digits.get_config(preset)
+  overrides = dict(dataset=digit_canvases(tmp_path / "canvases"), image_size=SIZE,
+                   total_steps=3, batch_size=4, eval_batch_size=4, warmup_steps=0, log_every=1,
+                   eval_every=0, checkpoint_every=0, progress="none")
+  with config.unlocked():
+    config.update(overrides)
+    # A threshold this low keeps detections after 3 steps, so the pictures show some.
+    config.detection.score_threshold = 1e-3
+    config.detection.max_detections = 5
+    config.detection.pictures = 2
+  workdir = tmp_path / "run"
+  return workdir, loop.train_and_evaluate(config, str(workdir))
+
+
+def _colours(path) -> set:
+  pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+  return {tuple(int(v) for v in p) for p in np.unique(pixels, axis=0)}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_trains_evaluates_and_draws_its_detections(preset, tmp_path):
+  workdir, metrics = _run(preset, tmp_path)
+  assert set(metrics) == set(METRICS)
+  for name in ("ap", "ap50", "ap75", "ar100"):
+    assert 0.0 <= metrics[name] <= 1.0, (name, metrics[name])
+  train_rows = read_metrics(workdir)
+  assert [r["step"] for r in train_rows] == [1, 2, 3]
+  assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in train_rows)
+  assert read_metrics(workdir, "eval")[-1]["step"] == 3
+  assert json.loads((workdir / "final_metrics.json").read_text())["ap"] == metrics["ap"]
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["data_info"]["class_names"] == [str(k) for k in range(10)]
+
+  pictures = sorted((workdir / "overlays").glob("eval_*.png"))
+  assert [p.name for p in pictures] == ["eval_0.png", "eval_1.png"]
+  assert Image.open(pictures[0]).size == (SIZE, SIZE)
+
+  args = viz.parse_args(["boxes", "--workdir", str(workdir), "--num", "3", "--min-score", "0"])
+  paths = viz.run("boxes", args)
+  assert [p.rsplit("/", 1)[-1] for p in paths] == [f"boxes_{i:03d}.png" for i in range(3)]
+  zoom = -(-viz._BOXES_MIN_SIDE // SIZE)
+  for path in paths:
+    image = Image.open(path)
+    assert image.size == (SIZE * zoom, SIZE * zoom)
+    colours = _colours(path)
+    # Grey canvas pixels, the white ground truth, and the detections' class colours.
+    assert (255, 255, 255) in colours
+    assert any(max(c) - min(c) > 100 for c in colours), "no detection was drawn"
+
+
+def test_boxes_figure_refuses_a_run_of_another_task(tmp_path):
+  workdir = tmp_path / "run"
+  loop.train_and_evaluate(small_config(total_steps=1, checkpoint_every=0), str(workdir))
+  with pytest.raises(ValueError, match="boxes needs a detection run; the run's task is "
+                                       "'classification'"):
+    viz.run("boxes", viz.parse_args(["boxes", "--workdir", str(workdir)]))
