@@ -32,7 +32,6 @@ def get_config(arg: str | None = None):
   c.schedule = "warmup_cosine"
   c.warmup_steps = 100
   c.total_steps = 1500
-  c.log_every = 50
   c.eval_every = 0
   c.checkpoint_every = 0
   c.keep_checkpoints = 1

@@ -18,8 +18,13 @@ trial runs on the shared CPU (errors only; the machine was too loaded for their 
   8-px patches, 128-px crops, batch 8, 200-step schedule                  0.173
   the same on a 1200-step schedule, at step 400 (stopped)                  0.165
   4-px patches, 64-px crops, batch 16, 150-step schedule                   0.153
-A 4-px model on 64-px crops costs about what unet_small costs per step at batch 16 (bench,
-back to back), so the CPU preset takes batch 8.
+  cpu_mask (4-px, batch 8), 150-step schedule: training loss 0.65 at step 25 and 0.58 at 150,
+  where the linear decoder's (batch 16) was 0.44 and 0.34; not evaluated (out of memory with
+  five slices per eval batch, hence eval_batch_size 1). With two classes the mask norm bounds
+  the logits (jaxvision.models.segmenter.MaskTransformer), which may be why it learns slowly.
+At batch 16 a 4-px model on 64-px crops took as long per step as unet_small on its batch of
+four 256-px crops (train.bench back to back on the loaded machine: 7.4-7.7 s against 7.7 s), so
+the CPU preset takes batch 8: about 0.5 s a step on the idle machine if unet_small's 1.0 s holds.
 
 Data and augmentation as unet_membrane, for the reason its docstring gives: random crops,
 horizontal flips and elastic deformation, no vertical flips or rotations (the labels sit about
@@ -88,7 +93,9 @@ def get_config(arg: str | None = None):
     c.model_kwargs.eval_margin = 8
     c.image_size = 64
     c.batch_size = 8
-    c.eval_batch_size = 5
+    # One slice at a time: its 121 windows (both hflip versions) are one batch through the model,
+    # and five slices at once took over 13 GB with the mask decoder.
+    c.eval_batch_size = 1
     c.learning_rate = 1e-3
     c.weight_decay = 0.05
     c.warmup_steps = 50

@@ -82,7 +82,8 @@ CASES = [
     # --- checkpoints and workdir -----------------------------------------------------------------
     ("checkpoint_of_other_model", ["--config.model=resnet_tiny", "--workdir={lenet_workdir}"],
      ["'lenet'", "'resnet_tiny'", "checkpoints/2"]),
-    ("checkpoint_of_other_shapes", ["--config.num_classes=12", "--workdir={lenet_workdir}"],
+    ("checkpoint_of_other_shapes", ["--config.num_classes=12", "--config.batch_size=8",
+                                    "--workdir={lenet_workdir}"],
      ["checkpoints/2", "params/head/", "(10,) there, (12,) here"]),
     ("workdir_is_a_file", ["--workdir={a_file}/w"], ["workdir {a_file}/w cannot be created"]),
     ("workdir_not_writable", ["--workdir={read_only}/w"],

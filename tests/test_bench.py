@@ -9,6 +9,7 @@ import jax
 import pytest
 
 from train import bench
+from train.bench_common import RESULT_KEYS
 from train.build import build_model, build_task
 from train.optim import create_optimizer
 
@@ -22,7 +23,7 @@ def _rows(capsys) -> list[dict]:
 
 
 def _check_row(row: dict, *, framework: str, mode: str, batch_size: int = 8) -> None:
-  assert tuple(row) == bench.RESULT_KEYS
+  assert tuple(row) == RESULT_KEYS
   assert row["model"] == "lenet" and row["framework"] == framework and row["mode"] == mode
   assert row["batch_size"] == batch_size and row["dtype"] == "float32"
   assert row["images_per_sec"] > 0 and row["step_ms"] > 0

@@ -3,7 +3,7 @@ trainer on tiny generated sets of their own kind: the run resolves a vocabulary 
 words into config.json, trains, evaluates every caption metric, writes one picture per example
 (the caption and a panel per word), and `python -m train.viz captions` draws them again from the
 checkpoint. The recipes' own model sizes train for real, smoke-sized, in test_configs; here the
-transformers are one block each so the two runs compile quickly."""
+transformers are one block each, on one device, so that the runs compile quickly."""
 
 import json
 import os
@@ -47,8 +47,10 @@ def _shape_set(root: str) -> set[str]:
   return {*COLOURS, *SHAPES, "a", "of", "left", "right", "above", "below", "there", "is"}
 
 
-@pytest.mark.parametrize("name,make", [("caption_digits", _digit_set),
-                                       ("caption_shapes", _shape_set)])
+@pytest.mark.parametrize("name,make", [
+    ("caption_digits", _digit_set),
+    # The same code path again (test_configs runs this recipe's own model for a step as well).
+    pytest.param("caption_shapes", _shape_set, marks=pytest.mark.slow)])
 def test_recipe_trains_evaluates_and_draws_its_attention(name, make, tmp_path):
   data = str(tmp_path / "data")
   words = make(data)
@@ -58,7 +60,7 @@ def test_recipe_trains_evaluates_and_draws_its_attention(name, make, tmp_path):
       log_every=2, eval_every=0, checkpoint_every=0, warmup_steps=0, image_size=16,
       **{"model_kwargs.patch_size": 4, "model_kwargs.encoder_size": (32, 1, 2, 64),
          "model_kwargs.decoder_size": (32, 1, 2, 64), "caption.min_count": 1,
-         "caption.pictures": 3, "data.prefetch": 0})
+         "caption.pictures": 3, "data.prefetch": 0, "mesh.num_devices": 1})
   final = loop.train_and_evaluate(config, workdir)
 
   saved = json.load(open(os.path.join(workdir, "config.json")))

@@ -123,6 +123,17 @@ def test_collectives_are_counted_once_per_async_pair_with_their_result_bytes():
                                       "reduce-scatter": (1, 1024)}
 
 
+def test_the_tpu_compilers_out_of_memory_messages_give_the_requirement():
+  # The two forms libtpu 0.0.42 writes (sizes in GiB).
+  assert dry_run.required_bytes(
+      "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+      "hbm. Used 17.77G of 15.75G hbm. Exceeded hbm capacity by 2.02G.") == int(17.77 * 2**30)
+  assert dry_run.required_bytes(
+      "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+      "temporaries (513.00G) exceeds available HBM (7.48G).") == 513 * 2**30
+  assert dry_run.required_bytes("INTERNAL: something else") == 0
+
+
 def test_the_chip_table_matches_device_kinds_most_specific_first():
   assert chips.chip_of("TPU v5 lite").name == "v5e"
   assert chips.chip_of("TPU v5").name == "v5p"

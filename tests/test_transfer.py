@@ -142,9 +142,9 @@ def test_bad_init_from_is_a_clear_error(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="neither a trainer workdir"):
     transfer.initialize_from(fresh_state(), str(tmp_path / "empty"), config)
-  (tmp_path / "w.bin").write_bytes(b"x")
+  (tmp_path / "w.txt").write_bytes(b"x")
   with pytest.raises(ValueError, match=r"expected a trainer workdir.*\.npz"):
-    transfer.initialize_from(fresh_state(), str(tmp_path / "w.bin"), config)
+    transfer.initialize_from(fresh_state(), str(tmp_path / "w.txt"), config)
 
 
 def test_normalization_mismatch_is_reported(pretrained, caplog):

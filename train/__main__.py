@@ -25,7 +25,7 @@ from __future__ import annotations
 # that arrives while the imports below take their seconds still ends the run cleanly (exit 0).
 from train import signals  # isort: skip
 
-signals.install()
+signals.install(exit_at_once=True)
 
 import logging
 import os
@@ -203,10 +203,9 @@ def main(argv):
     print(str(e), file=sys.stderr, flush=True)
     _exit(0)
   except KeyboardInterrupt:
-    print("interrupted: a second Ctrl-C stops at once; the last complete checkpoint is kept",
-          file=sys.stderr, flush=True)
+    print(signals.SECOND_CTRL_C, file=sys.stderr, flush=True)
     _exit(130)
-  except (ValueError, OSError, CheckpointError, NonFiniteLossError) as e:
+  except (ValueError, OSError, ImportError, CheckpointError, NonFiniteLossError) as e:
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f"error: {message}", file=sys.stderr, flush=True)
     _exit(2)

@@ -246,6 +246,7 @@ class StepReport:
     flops: XLA's FLOP count of one call, per device (None when the backend gives none).
     collectives: {op: (count, bytes per device)} in the compiled program.
     error: the compiler's message when the step does not fit (the sizes are then 0).
+    required: what that message says the step needs, in bytes (0 when it does not say).
   """
 
   name: str
@@ -260,6 +261,7 @@ class StepReport:
   flops: float | None = None
   collectives: dict = dataclasses.field(default_factory=dict)
   error: str = ""
+  required: int = 0
 
   @property
   def total(self) -> int:
@@ -279,7 +281,7 @@ def compile_step(name: str, fn, args: tuple, queued: int, compiled_steps: dict) 
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     return StepReport(name, time.perf_counter() - start, time.process_time() - cpu_start,
-                      queued=queued, error=_first_line(e))
+                      queued=queued, error=_first_line(e), required=required_bytes(str(e)))
   seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
   compiled_steps[name] = compiled
   report = StepReport(name, seconds, cpu_seconds, queued=queued, flops=_flops(compiled),
@@ -292,6 +294,23 @@ def compile_step(name: str, fn, args: tuple, queued: int, compiled_steps: dict) 
     report.temporaries = int(memory.temp_size_in_bytes)
     report.code = int(memory.generated_code_size_in_bytes)
   return report
+
+
+_SIZE = r"([0-9.]+)([KMGT]?)"
+_REQUIRED = (re.compile(rf"Used {_SIZE} of {_SIZE} hbm"),
+             re.compile(rf"required for [^(]*\({_SIZE}\) exceeds available HBM"))
+
+
+def required_bytes(message: str) -> int:
+  """The bytes a TPU compiler's out-of-memory message says the program needs (0: unsaid).
+
+  libtpu writes sizes with binary prefixes ('17.77G' is 17.77 GiB).
+  """
+  for pattern in _REQUIRED:
+    match = pattern.search(message)
+    if match:
+      return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " "))
+  return 0
 
 
 def _flops(stage) -> float | None:
@@ -484,6 +503,9 @@ def judge(run: CompiledRun) -> tuple[str, bool]:
   step = failed[0] if failed else over[0]
   if step.error:
     need = f"does not compile on {where.label}: {step.error}"
+    if step.required:
+      need = (f"needs {_gib(step.required)} per device of {_gib(limit)}, the compiler says "
+              f"({step.error})")
   else:
     need = (f"needs {_gib(_needed(where, step, n))} per device of {_gib(limit)} "
             f"({where.memory_note})")
@@ -501,11 +523,14 @@ def advice(config, executor, step: StepReport, kept: int, limit: int) -> list[st
   batch = int(config.batch_size if step.name == "train" else config.eval_batch_size)
   helps = []
   key = "batch_size" if step.name == "train" else "eval_batch_size"
-  if not step.error and limit is not None and step.temporaries + step.queued > 0:
-    variable = step.temporaries + step.queued + (step.arguments - kept if step.arguments > kept
-                                                 else 0)
-    room = limit - (step.total - variable)
-    fit = int(batch // n * room / variable) if room > 0 else 0
+  if limit is not None and (step.required or (not step.error and step.temporaries)):
+    if step.error:  # the compiler's requirement: everything but the state scales
+      variable, total = step.required - kept, step.required
+    else:
+      variable = step.temporaries + step.queued + max(step.arguments - kept, 0)
+      total = step.total
+    room = limit - (total - variable)
+    fit = int(batch // n * room / variable) if room > 0 and variable > 0 else 0
     fit = fit // 8 * 8 if fit >= 8 else fit
     guess = (f"; about {fit} per device would fit, if activations scale with the batch"
              if 0 < fit < batch // n else "")
@@ -560,7 +585,8 @@ def report_text(run: CompiledRun, own_flops: float | None = None) -> str:
     lines.append(f"  {label:<22}" + "".join(
         f"{'-' if s.error else _gib(getattr(s, attr)):>16}" for s in steps))
   lines.append(f"  {'total':<22}" + "".join(
-      f"{'over' if s.error else _gib(s.total):>16}" for s in steps))
+      f"{(_gib(s.required) if s.required else 'over') if s.error else _gib(s.total):>16}"
+      for s in steps))
   lines.append(f"  {'compile time':<22}" + "".join(f"{s.compile_s:>15.1f}s" for s in steps))
   lines.append(f"  {'  (process CPU time)':<22}" + "".join(f"{s.compile_cpu_s:>15.1f}s"
                                                          for s in steps))

@@ -20,7 +20,8 @@ memory is close to linear in the batch (state and code fixed, activations propor
   1. the first compile of a case is at its `start` batch; a compile that fits gives the fixed
      part and the memory per image, and the batch predicted to fill the chip is tried next;
   2. with two fitting compiles the line through them predicts it; the search stops when a batch
-     fits and the next one up (by `step`: 8, or 1 below 16) does not, bisecting between the
+     fits and the next one up (by `step`: 1 below 16, then about a sixteenth of the batch) does
+     not, bisecting between the
      largest fit and the smallest failure when the prediction misses;
   3. a case's memory per image carries over to the next generation as its first guess.
 Every compile is one JSON line in --out (date, libtpu version, batch, fits, bytes, compile
@@ -135,14 +136,17 @@ def compile_once(case: Case, generation: str, batch: int, hlo_dir: str = "") -> 
 
 
 def _step(batch: int) -> int:
-  """The resolution of the search at `batch`."""
-  return 8 if batch >= 16 else 1
+  """The resolution of the search at `batch`: 1 below 16, then about 1/16 of the batch on a
+  power-of-two grid (8 up to 255, 16 up to 511, ...)."""
+  if batch < 16:
+    return 1
+  return max(8, 2 ** int(math.log2(batch)) // 16)
 
 
 def _round(batch: float) -> int:
-  """A batch on the search's grid: multiples of 8 from 16 up."""
+  """`batch` rounded down to the search's grid."""
   batch = int(batch)
-  return batch // 8 * 8 if batch >= 16 else max(batch, 1)
+  return max(batch // _step(batch) * _step(batch), 1)
 
 
 def memory_line(points: list[dict]) -> tuple[float, float] | None:
@@ -184,8 +188,8 @@ def next_batch(points: list[dict], limit: int, prior: tuple[float, float] | None
   return guess
 
 
-def search(case: Case, generation: str, done: list[dict], prior, write,
-           hlo_dir: str = "", max_compiles: int = MAX_COMPILES) -> dict:
+def search(case: Case, generation: str, done: list[dict], prior, write, hlo_dir: str = "",
+           max_compiles: int = MAX_COMPILES, pause_file: str = "") -> dict:
   """The compiles of `case` on `generation` down to its largest fitting per-chip batch
   (compiling only what `done` lacks)."""
   points = [p for p in done if p["case"] == case.name and p["generation"] == generation]
@@ -194,6 +198,8 @@ def search(case: Case, generation: str, done: list[dict], prior, write,
   for _ in range(max_compiles):
     if batch is None:
       break
+    while pause_file and os.path.exists(pause_file):
+      time.sleep(30)  # the (shared) host is wanted for something else between two compiles
     point = compile_once(case, generation, batch, hlo_dir)
     points.append(point)
     write(point)
@@ -408,6 +414,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="compiles per case and chip (default: %(default)s); with 1, the batch "
                  "predicted from another chip's memory line is checked and the table marks "
                  "its bound as predicted")
+  p.add_argument("--pause-file", default="",
+                 help="before each compile, wait while this file exists (to lend a shared host "
+                 "to something else between compiles)")
   p.add_argument("--table", default="", help="print the table of an --out file and exit")
   args = p.parse_args(argv)
   for name in args.cases.split(","):
@@ -448,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         points = [r for r in rows if r["case"] == name and "batch" in r]
         prior = memory_line(points[-4:]) if points else None
         search(CASES[name], generation, [r for r in rows if "batch" in r], prior, write,
-               args.hlo_dir, args.max_compiles)
+               args.hlo_dir, args.max_compiles, args.pause_file)
   print(table(rows))
   return 0
 

@@ -6,7 +6,9 @@ From `install()` on (`python -m train` calls it before its heavy imports):
     the set-up stops at its next check (`exit_if_requested`) with exit status 0, leaving any
     checkpoint it restored untouched. Further SIGTERMs change nothing: the save in progress
     finishes.
-  * a second Ctrl-C stops at once (KeyboardInterrupt; `python -m train` exits 130 in one line).
+  * a second Ctrl-C stops at once: KeyboardInterrupt in a library caller; `python -m train`
+    (`install(exit_at_once=True)`) prints one line and exits 130 from the handler itself, so no
+    library frame it interrupts (e.g. Orbax waiting on its save thread) logs a traceback.
 
 Standard library only, so installing it costs nothing.
 """
@@ -14,7 +16,9 @@ Standard library only, so installing it costs nothing.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 
 
@@ -22,7 +26,9 @@ class StopRequested(Exception):
   """A stop signal arrived before the first step: the run ends with exit status 0."""
 
 
-_state = {"requested": "", "interrupts": 0}
+_state = {"requested": "", "interrupts": 0, "exit_at_once": False}
+SECOND_CTRL_C = "interrupted: a second Ctrl-C stops at once; the last complete checkpoint is kept"
+
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -34,12 +40,19 @@ def _on_sigint(signum, frame) -> None:
   del signum, frame
   _state["interrupts"] += 1
   if _state["interrupts"] > 1:
+    if _state["exit_at_once"]:
+      sys.stdout.flush()
+      print(SECOND_CTRL_C, file=sys.stderr, flush=True)
+      os._exit(130)
     raise KeyboardInterrupt
   _state["requested"] = _state["requested"] or "Ctrl-C"
 
 
-def install() -> None:
-  """Routes SIGTERM and SIGINT to this module (main thread only; elsewhere a no-op)."""
+def install(exit_at_once: bool | None = None) -> None:
+  """Routes SIGTERM and SIGINT to this module (main thread only; elsewhere a no-op);
+  `exit_at_once`: a second Ctrl-C ends the process (default: as set before, else False)."""
+  if exit_at_once is not None:
+    _state["exit_at_once"] = exit_at_once
   if threading.current_thread() is threading.main_thread():
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, _on_sigint)

@@ -24,6 +24,7 @@ printed. Matplotlib is needed: pip install 'jaxvision[viz]'.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -103,20 +104,26 @@ _BOXES_MIN_SIDE = 384
 
 def detection_pictures(run_, split: str, num: int, out: str, min_score: float) -> list[str]:
   """PNGs of the first `num` examples of `split` with the run's detections scoring at least
-  `min_score` and the ground truth drawn (jaxvision.detection.draw), enlarged by a whole
-  factor (nearest neighbour) so the labels stay legible; returns their paths."""
+  `min_score` (below the run's own score threshold too) and the ground truth drawn
+  (jaxvision.detection.draw), enlarged by a whole factor (nearest neighbour) so the labels stay
+  legible; returns their paths."""
   from jaxvision.detection.draw import save_detections
 
   config, task, model, variables = run_.config, run_.task, run_.model, run_.variables
   if config.task != "detection":
     raise ValueError(f"boxes needs a detection run; the run's task is {config.task!r}")
-  forward = lambda *a, **kw: model.apply(variables, *a, train=False, **kw)
-  predict = jax.jit(lambda batch: task.predict(forward, batch))
+  task = dataclasses.replace(task, score_threshold=min(task.score_threshold, min_score))
+
+  @jax.jit
+  def predict(variables, batch):
+    forward = lambda *a, **kw: model.apply(variables, *a, train=False, **kw)
+    return task.predict(forward, batch)
+
   names = [str(n) for n in config.data_info.class_names] or None
   os.makedirs(out, exist_ok=True)
   paths: list[str] = []
   for batch in create_input(config, split, train=False).eval_batches():
-    pred = jax.device_get(predict(batch))
+    pred = jax.device_get(predict(variables, batch))
     for i in np.nonzero(np.asarray(batch["valid"], bool))[0]:
       if len(paths) >= num:
         return paths

@@ -22,13 +22,8 @@ import numpy as np
 from PIL import Image
 
 from jaxvision.data.decode import EncodedImage, decode, decode_crop_resize
-from jaxvision.data.transforms import (
-  Normalize,
-  _flip,
-  build_transform,
-  inception_box,
-  normalization,
-)
+from jaxvision.data.task_transforms import build_transform
+from jaxvision.data.transforms import Normalize, _flip, inception_box, normalization
 
 
 def synthetic_jpegs(n: int = 64, width: int = 500, height: int = 375, seed: int = 0) -> list[bytes]:

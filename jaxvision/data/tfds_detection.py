@@ -17,9 +17,8 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
 
-from jaxvision.data.decode import EncodedImage
+from jaxvision.data.decode import EncodedImage, allow_pixels, open_image
 from jaxvision.data.detection_source import DetectionSource, Problems, check_box
 from jaxvision.data.source import select_split
 from jaxvision.data.splits import named_splits, split_indices
@@ -56,6 +55,8 @@ def read_split(builder, name: str, data_config) -> DetectionSource:
   ds = as_dataset(builder, name, shuffle_files=False,
                   decoders={"image": tfds.decode.SkipDecoding()})
   mode = "L" if tuple(features["image"].shape)[-1:] == (1,) else "RGB"
+  max_pixels = int(data_config.max_image_pixels)
+  allow_pixels(max_pixels)
   problems = Problems(bool(data_config.skip_bad), f"tfds:{builder.name} {name}")
   rows = []
   for index, ex in enumerate(tfds.as_numpy(ds)):
@@ -64,10 +65,10 @@ def read_split(builder, name: str, data_config) -> DetectionSource:
     where = f"tfds:{builder.name} {name} example {index}" + (
         f" ({filename.decode(errors='replace')})" if filename else "")
     try:
-      with Image.open(io.BytesIO(data)) as im:
+      with open_image(io.BytesIO(data), where, max_pixels) as im:
         width, height = im.size
-    except (OSError, SyntaxError, ValueError) as e:
-      problems.report(f"{where}: cannot read the image ({e})")
+    except ValueError as e:
+      problems.report(str(e))
       continue
     objects = ex["objects"]
     bbox = np.asarray(objects["bbox"], np.float64).reshape(-1, 4)

@@ -273,7 +273,7 @@ def create_input(arg: str, config, split: str, *, train: bool, process_index: in
   if tfds_source.use_stream(builder, split, config.data, config.image_size):
     return TfdsStream(builder, split, config, train=train, process_index=process_index,
                       process_count=process_count)
-  source = tfds_source.materialise(builder, split)
+  source = tfds_source.materialise(builder, split, config.data)
   check_num_classes(source, config)
   return ArrayInput.from_config(config, source, train=train, process_index=process_index,
                                 process_count=process_count)

@@ -112,6 +112,11 @@ class MaskTransformer(nn.Module):
 
   Intermediates sown: 'masks', the patch x class cosine similarities [B, rows, cols, K] before
   the mask norm.
+
+  With two classes the mask norm (a LayerNorm over the K values of a patch) leaves each patch
+  +-s, s = |d| / sqrt(d^2 + eps) < 1 for half the difference d of its two similarities, before
+  the affine: the logits are bounded by the norm's scale and bias, and s saturates at 1 once the
+  similarities differ by more than a few sqrt(eps), passing little gradient back.
   """
 
   num_classes: int
