@@ -6,6 +6,7 @@ import json
 import math
 
 import jax
+import numpy as np
 import pytest
 
 from train import bench
@@ -55,6 +56,26 @@ def test_bench_segmentation_model(capsys):
   assert bench.main(args) == 0
   (row,) = _rows(capsys)
   assert row["model"] == "unet_tiny" and row["images_per_sec"] > 0
+
+
+@pytest.mark.slow
+def test_bench_detection_model(capsys):
+  args = ["--model", "retinanet_tiny", "--batch-size", "2", "--dtype", "float32",
+          "--image-size", "64", "--num-classes", "3", "--steps", "1", "--repeats", "1",
+          "--warmup", "0", "--optimizer", "adam"]
+  assert bench.main(args) == 0
+  (row,) = _rows(capsys)
+  assert row["model"] == "retinanet_tiny" and row["images_per_sec"] > 0
+
+
+def test_synthetic_detection_boxes_are_proper_boxes_inside_the_image():
+  rng = np.random.default_rng(0)
+  truth = bench.synthetic_boxes((2, 40, 60, 3), max_boxes=12, num_classes=3, rng=rng)
+  boxes = truth["boxes"][truth["box_valid"]]
+  assert truth["box_valid"].sum() == 16 and len(boxes) == 16
+  assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+  assert (boxes >= 0).all() and (boxes[:, 2] <= 60).all() and (boxes[:, 3] <= 40).all()
+  assert set(np.unique(truth["classes"])) <= {0, 1, 2}
 
 
 def test_synthetic_batch_has_the_task_s_labels():

@@ -118,6 +118,7 @@ def logged(workdir: str) -> dict[tuple[int, str], list[float]]:
   return rows
 
 
+@pytest.mark.slow  # a minute of subprocesses; test_train's SIGTERM and resume tests run by default
 def test_kill_and_sigterm_then_resume_equals_uninterrupted(tmp_path, compile_cache):
   config = lenet_digits.get_config()
   with config.unlocked():

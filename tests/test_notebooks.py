@@ -63,7 +63,9 @@ def compile_cache(tmp_path_factory) -> str:
   return str(tmp_path_factory.mktemp("jax_cache"))
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+# The quickstart runs in the default suite; the others (40-55 s each on a 2-core CPU) with -m slow.
+@pytest.mark.parametrize("name", [
+    n if n == "quickstart" else pytest.param(n, marks=pytest.mark.slow) for n in NOTEBOOKS])
 def test_notebook_runs_in_smoke_mode(name, compile_cache):
   nb = _read(name)
   client = nbclient.NotebookClient(

@@ -108,6 +108,7 @@ def _blob_segfolder(root) -> str:
   return f"segfolder:{root}"
 
 
+@pytest.mark.slow  # test_segmentation trains the same task on a synthetic set by default
 def test_segmentation_loss_falls(tmp_path):
   config = small_config(
       model="unet_tiny", dataset=_blob_segfolder(tmp_path / "data"), train_split="train[:8]",

@@ -123,7 +123,9 @@ def test_vit_is_built_for_the_data_image_size():
   assert build_model(config).image_size == 32  # an explicit size wins
 
 
-@pytest.mark.parametrize("num_devices,parallel", [(1, "mesh"), (2, "mesh"), (2, "pmap")])
+@pytest.mark.parametrize("num_devices,parallel", [
+    pytest.param(1, "mesh", marks=pytest.mark.slow), (2, "mesh"),
+    pytest.param(2, "pmap", marks=pytest.mark.slow)])
 def test_checkpoint_from_4_devices_restores_elsewhere(tmp_path, num_devices, parallel):
   loop.train_and_evaluate(small_config(), str(tmp_path / "ref"))
   loop.train_and_evaluate(small_config(stop_at_step=10), str(tmp_path / "moved"))

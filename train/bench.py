@@ -105,6 +105,8 @@ def _task_of(model, input_shape: tuple[int, ...]) -> str:
     return model.init_with_output(rngs, x, train=False)[0]
 
   out = jax.eval_shape(forward)
+  if isinstance(out, dict) and "cls_logits" in out:  # a one-stage detector's raw head outputs
+    return "detection"
   if not hasattr(out, "ndim") or out.ndim not in (2, 4):
     shape = getattr(out, "shape", None) or type(out).__name__
     raise ValueError(f"model {model.__class__.__name__} returns {shape}; train.bench handles "
@@ -122,7 +124,28 @@ def synthetic_batch(task, config, put) -> dict:
       batch[key] = rng.integers(0, config.num_classes, spec.shape, dtype=spec.dtype)
     else:
       batch[key] = rng.standard_normal(spec.shape, dtype=np.float32).astype(spec.dtype)
+  if "boxes" in batch:
+    batch.update(synthetic_boxes(batch["image"].shape, batch["boxes"].shape[1],
+                                 task.num_classes, rng))
   return put(batch)
+
+
+def synthetic_boxes(image_shape, max_boxes: int, num_classes: int, rng) -> dict:
+  """The ground truth of a detection batch: 8 (or max_boxes) boxes per image of 5-30% of its
+  side inside the image, classes of the data (0 .. K-1), nothing ignored, the identity map back
+  to the original pixels. Random floats would give inverted boxes and a loss of NaN."""
+  b, h, w = image_shape[:3]
+  n = min(8, max_boxes)
+  size = rng.uniform(0.05, 0.3, (b, n, 2)) * (w, h)
+  corner = rng.uniform(0, 1, (b, n, 2)) * ((w, h) - size)
+  boxes = np.zeros((b, max_boxes, 4), np.float32)
+  boxes[:, :n] = np.concatenate([corner, corner + size], -1)
+  valid = np.zeros((b, max_boxes), bool)
+  valid[:, :n] = True
+  return {"boxes": boxes, "classes": rng.integers(0, num_classes, (b, max_boxes), np.int32),
+          "box_valid": valid, "box_ignore": np.zeros((b, max_boxes), bool),
+          "orig_size": np.tile(np.int32([h, w]), (b, 1)), "scale": np.ones((b, 2), np.float32),
+          "offset": np.zeros((b, 2), np.float32)}
 
 
 def flops_of(stage) -> float | None:

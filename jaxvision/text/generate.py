@@ -117,7 +117,7 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
     sorted_logits = jnp.take_along_axis(logits, order, -1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     # A token stays when the mass before it is below p: the most likely one always stays.
-    keep_sorted = jnp.cumsum(probs, -1) - probs < top_p
+    keep_sorted = jnp.cumsum(probs, axis=-1) - probs < top_p
     keep = jnp.zeros_like(keep_sorted).at[
         tuple(jnp.indices(order.shape)[:-1]) + (order,)].set(keep_sorted)
     logits = jnp.where(keep, logits, -jnp.inf)
