@@ -49,10 +49,10 @@ def get_config(arg: str | None = None):
   c.learning_rate = 2e-3
   c.schedule = "warmup_cosine"
   c.warmup_steps = 100
-  c.total_steps = 4000
+  c.total_steps = 5000
   c.log_every = 250
-  c.eval_every = 2000
-  c.checkpoint_every = 2000
+  c.eval_every = 2500
+  c.checkpoint_every = 2500
   c.detection.score_threshold = 0.05
   widths = (16, 32, 64, 128)
   if preset == "fcos":

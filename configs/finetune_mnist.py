@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from configs import base
+from jaxvision.data.idx import find_files, read_idx
 
 DATA = "/tmp/mnist_transfer"  # where `prepare` writes the two tasks; override with --config.dataset
 MODES = ("pretrain", "finetune", "finetune_all", "linear", "scratch")
@@ -87,7 +88,6 @@ def _write_idx(path: str, array: np.ndarray) -> None:
 
 def prepare(src: str, dst: str) -> dict[str, int]:
   """Writes DST/pretrain and DST/finetune from the MNIST IDX files in SRC; returns their sizes."""
-  from jaxvision.data.idx import find_files, read_idx
 
   files = find_files(src)
   if "test" not in files:

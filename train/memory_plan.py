@@ -47,6 +47,7 @@ import numpy as np
 
 from configs import resnet50_imagenet, unet_membrane, vit_b16_imagenet
 from train import chips, dry_run
+from train.build import build_task
 
 GENERATIONS = ("v5e", "v4", "v6e", "v5p")
 # One chip of each generation: the smallest topology.
@@ -261,7 +262,6 @@ def network_flops(case: Case) -> float | None:
   config = case.config()
   config.batch_size = config.eval_batch_size = 8
   resolved, _, _ = dry_run.describe(config)
-  from train.build import build_task
 
   return dry_run.model_flops_per_image(resolved, build_task(resolved))
 

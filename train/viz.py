@@ -34,6 +34,7 @@ import jax
 import numpy as np
 
 from jaxvision.data import create_input
+from jaxvision.detection.draw import save_detections
 from jaxvision.interpret import attention
 from jaxvision.interpret.confusion import confusion_matrix, per_class_metrics
 from jaxvision.interpret.gradcam import gradcam
@@ -107,7 +108,6 @@ def detection_pictures(run_, split: str, num: int, out: str, min_score: float) -
   `min_score` (below the run's own score threshold too) and the ground truth drawn
   (jaxvision.detection.draw), enlarged by a whole factor (nearest neighbour) so the labels stay
   legible; returns their paths."""
-  from jaxvision.detection.draw import save_detections
 
   config, task, model, variables = run_.config, run_.task, run_.model, run_.variables
   if config.task != "detection":

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from jaxvision.data.idx import find_files, read_idx
+
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230),
            "yellow": (230, 210, 40)}
@@ -129,7 +131,6 @@ def write_coco_captions(out: str, split: str, images: Sequence[np.ndarray],
 
 def read_mnist_test(directory: str) -> tuple[np.ndarray, np.ndarray]:
   """MNIST's 10,000 test images [N, 28, 28] and labels from an IDX folder."""
-  from jaxvision.data.idx import find_files, read_idx
 
   files = find_files(directory)
   if "test" not in files:

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from jaxvision.data.idx import find_files, read_idx
+
 SPLITS = {"train": 0, "val": 1}
 
 
@@ -150,7 +152,6 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--min_side", type=int, default=14, help="smallest digit side (px)")
   parser.add_argument("--max_side", type=int, default=40, help="largest digit side (px)")
   args = parser.parse_args(argv)
-  from jaxvision.data.idx import find_files, read_idx
 
   files = find_files(args.mnist)
   if "test" not in files:

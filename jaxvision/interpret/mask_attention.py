@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvision.interpret.plots import display_image, new_figure
+from jaxvision.models.segmenter import Segmenter, upsample_logits
 
 
 def _check(model, images) -> jax.Array:
-  from jaxvision.models.segmenter import Segmenter
 
   if not isinstance(model, Segmenter) or model.decoder != "mask":
     name = type(model).__name__ + (f"(decoder={model.decoder!r})"
@@ -70,7 +70,6 @@ def _decoder_attention_fn(model, grid: tuple[int, int]):
 
 def _to_image(grid_maps: jax.Array, height: int, width: int, patch_size: int) -> np.ndarray:
   """[N, K, rows, cols] -> [N, K, H, W]: upsampled to the padded input, padding cropped."""
-  from jaxvision.models.segmenter import upsample_logits
 
   rows, cols = grid_maps.shape[2:]
   maps = jnp.transpose(grid_maps.astype(jnp.float32), (0, 2, 3, 1))

@@ -55,6 +55,7 @@ from jaxvision.layers.embed import patch_grid, resample_posemb, to_pair
 from jaxvision.layers.transformer import EncoderBlock
 from jaxvision.models.registry import register_model
 from jaxvision.models.vit import SIZES, VisionTransformer, stack_blocks, unstack_blocks
+from jaxvision.segmentation.tiling import predict_tiled
 
 DECODERS = ("linear", "mask")
 TORCH_LN_EPSILON = 1e-5  # torch's LayerNorm default, which every official decoder norm uses
@@ -361,7 +362,6 @@ def predict_sliding(model: Segmenter, variables: dict, images, *, margin: int = 
   windows are plain non-overlapping crops. A model built with `eval_margin=margin` computes the
   same inside its own call (what the trainer's evaluation then uses).
   """
-  from jaxvision.segmentation.tiling import predict_tiled
 
   wh, ww = to_pair(model.image_size)
   if not 0 <= 2 * margin < min(wh, ww):

@@ -34,6 +34,8 @@ import numpy as np
 
 from jaxvision.captioning.metrics import caption_metrics
 from jaxvision.data import load_source
+from jaxvision.models.vit_gpt2 import cross_attention_maps
+from jaxvision.segmentation.overlay import to_display
 from jaxvision.tasks.base import TaskBase, image_spec
 from jaxvision.text.generate import DecodeOptions, generate
 from jaxvision.text.tokenizer import (
@@ -219,7 +221,6 @@ class CaptioningTask(TaskBase):
   def predict(self, forward, batch: dict) -> dict[str, jax.Array]:
     """Generated tokens [B, max_len] and, for pictures, the cross-attention of each generated
     token over the image tokens [B, max_len, N] (mean over layers and heads)."""
-    from jaxvision.models.vit_gpt2 import cross_attention_maps
 
     tokens, encoded = generate(forward, batch["image"], self.decode_options,
                                return_encoded=True)
@@ -295,7 +296,6 @@ def attention_picture(image: np.ndarray, tokens: np.ndarray, attention: np.ndarr
   showing its `attention` [T, N] over the image tokens (the class token left out)."""
   from PIL import Image, ImageDraw
 
-  from jaxvision.segmentation.overlay import to_display
 
   rgb = to_display(np.asarray(image))
   h, w = rgb.shape[:2]
