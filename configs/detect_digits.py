@@ -10,7 +10,11 @@ are 2-30 px wide and 7-30 px tall: all COCO 'small'), 10 classes. Train canvases
 images [0, 8000), the 500 held-out val canvases only [8000, 10000). The metric is COCO box AP
 on the val canvases (`ap`, `ap50`, ...), read through the `coco:` reader.
 
-Measured (TBD).
+Measured 2026-12-01 on the 2-core CPU (fcos preset, 10,000 train canvases): AP 0.711, AP50
+0.898, AP75 0.820, AR100 0.777 on the 500 val canvases, 16 min 43 s wall for the command above.
+The 4,000-step schedule gave AP 0.701 / AP50 0.897 in 13 min 44 s. The misses are the smallest
+digits (a '1' drawn at 14 px has an ink box ~4 px wide) and digits overlapping a larger one;
+the confusions are between look-alike scrawls (a '2' called '3').
 
 Presets ('fcos' is the default):
   fcos       `fcos_tiny` widened (ResNet widths 16..128, 64-channel FPN and heads); every digit
