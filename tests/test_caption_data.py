@@ -110,8 +110,24 @@ def test_batches_sample_one_caption_per_step_deterministically(shapes_dir):
   assert prepared["tokens"].shape == (4, 13) and prepared["tokens"].dtype == np.int32
   assert prepared["id"].dtype == np.int64
   assert [tokenizer.decode(t) for t in prepared["tokens"]] == list(batch["caption"])
-  with pytest.raises(ValueError, match="takes no augmentation"):
+  with pytest.raises(ValueError, match="unknown captioning augmentation 'flip'"):
     create_input(_config(f"coco_captions:{shapes_dir}", augment="flip"), "train", train=True)
+
+
+def test_captioning_pad_crop_shifts_training_images_only():
+  data = base.get_config().data
+  data.augment, data.workers = "pad_crop(2)", 1
+  image = np.zeros((8, 8, 1), np.uint8)
+  image[3:5, 3:5] = 255
+  batch = {"image": np.stack([image] * 16), "captions": [("a dot",)] * 16}
+  shift, keep = (build_transform(data, train=t, task="captioning", image_size=8)
+                 for t in (True, False))
+  shifted, kept = shift(batch, np.random.default_rng(0)), keep(batch, np.random.default_rng(0))
+  assert all(np.array_equal(x, kept["image"][0]) for x in kept["image"])
+  assert np.argwhere(kept["image"][0, ..., 0] > 0).tolist() == [[3, 3], [3, 4], [4, 3], [4, 4]]
+  # Every shift keeps the whole dot (the pad is smaller than its margin), some move it.
+  assert all(np.sum(x > 0) == 4 for x in shifted["image"])
+  assert any(not np.array_equal(x, kept["image"][0]) for x in shifted["image"])
 
 
 def _bad_coco(root):

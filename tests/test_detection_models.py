@@ -13,6 +13,7 @@ import pytest
 
 from jaxvision.convert import from_torch, to_torch
 from jaxvision.convert.torchvision_detection import state_dict_layout
+from jaxvision.detection.anchors import fcos_scale_ranges
 from jaxvision.layers.fpn import FPN, nearest_indices, upsample_nearest
 from jaxvision.models import create_model, list_models, model_info
 from jaxvision.models.detection_backbone import FrozenBatchNorm
@@ -82,6 +83,22 @@ def test_count_outputs_and_bf16_policy(name):
   assert {leaf.dtype for leaf in jax.tree.leaves(stored)} == {jnp.dtype(jnp.float32)}
   computed = {leaf.dtype for leaf in jax.tree.leaves(variables["intermediates"])}
   assert computed == {jnp.dtype(jnp.bfloat16)}, "a submodule does not compute in bf16"
+
+
+def test_fcos_with_a_stride_4_level():
+  """min_level=2 adds P2 (C2's lateral): one more level of outputs, anchors from stride 4, and
+  the stride-4 level takes the small objects (regression distances up to 8 x 4 px)."""
+  model = create_model("fcos_tiny", min_level=2, anchor_sizes=(4, 8, 16, 32, 64, 128))
+  outputs, variables = _abstract(model, (1, 64, 96, 3))
+  assert model.level_shapes((64, 96)) == [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]
+  anchors = model.anchors((64, 96))
+  assert outputs["cls_logits"].shape[1] == len(anchors) == 16 * 24 + 8 * 12 + 24 + 6 + 2 + 1
+  assert anchors.boxes[:2].tolist() == [[-2.0, -2.0, 2.0, 2.0], [2.0, -2.0, 6.0, 2.0]]
+  assert "inner_3" in variables["params"]["backbone"]["fpn"]
+  lower, upper = fcos_scale_ranges(anchors)
+  assert (lower[0], upper[0]) == (0.0, 32.0)
+  with pytest.raises(ValueError, match="anchor_sizes"):
+    create_model("fcos_tiny", min_level=2).anchors((64, 96))
 
 
 def test_ssd300_has_the_papers_8732_default_boxes():

@@ -130,6 +130,8 @@ def test_stablehlo_runs_in_a_fresh_process_at_any_batch(tmp_path, cases):
     np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
 
 
+# 15 s (jax2onnx and ONNX Runtime); -m slow.
+@pytest.mark.slow
 def test_onnx_runs_in_onnx_runtime(tmp_path, cases):
   import onnx
 

@@ -152,6 +152,8 @@ def _recording_ids(monkeypatch):
   return seen
 
 
+# 23 s (three runs); test_train's stop-and-resume checks the same in the default suite.
+@pytest.mark.slow
 def test_resume_neither_repeats_nor_skips_examples(tmp_path, monkeypatch):
   # digits: 1437 training examples, 32 per step: epoch 0 is steps 1..44, then epoch 1 begins.
   total, stop = 60, 30

@@ -181,6 +181,8 @@ def test_cli_indivisible_batch_is_one_line_error(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+# 15 s; -m slow.
+@pytest.mark.slow
 def test_host_dispatches_at_most_two_steps_ahead(tmp_path, monkeypatch):
   # Between log steps nothing syncs the host, so without a bound it queues up to log_every steps
   # (each pinning a batch on the device, and each delaying a SIGTERM's checkpoint).
@@ -207,6 +209,8 @@ def test_host_dispatches_at_most_two_steps_ahead(tmp_path, monkeypatch):
   assert len(ahead) == 40 and max(ahead) <= loop.MAX_STEPS_AHEAD
 
 
+# 14 s (a subprocess run); -m slow.
+@pytest.mark.slow
 def test_cli_model_kwargs_reach_the_model(tmp_path):
   # --model_kwargs adds keys the config file does not set (--config.model_kwargs.KEY cannot).
   result = run_cli("--config", "configs/lenet_digits.py", "--workdir", str(tmp_path),

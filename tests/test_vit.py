@@ -220,6 +220,8 @@ def test_tiny_forward_backward_finite_nonzero_grads():
     assert np.any(g != 0), f"zero gradient at {jax.tree_util.keystr(path)}"
 
 
+# 29 s on a 2-core CPU (three compiled layouts); -m slow.
+@pytest.mark.slow
 def test_scan_and_remat_equal_the_loop(tiny):
   x = _images(2, seed=1)
   loop, variables = tiny

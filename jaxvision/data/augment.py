@@ -22,6 +22,9 @@ Segmentation (image and mask move together):
   elastic(sigma=10, grid=3)      U-Net elastic deformation: random displacements on a coarse
                                  grid x grid grid, std sigma pixels, bicubic in between
   jitter(strength=0.1)           brightness and contrast jitter of the image only
+Captioning (no crop or flip: they change what a caption says):
+  pad_crop(pad=4)                a random shift by up to `pad` pixels (zero-pad, then crop),
+                                 which keeps every object and where it is beside the others
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ SEGMENTATION_OPS: dict[str, tuple[float, ...]] = {
     "elastic": (10.0, 3),
     "jitter": (0.1,),
 }
-OPS_OF_TASK = {"classification": CLASSIFICATION_OPS, "segmentation": SEGMENTATION_OPS}
+CAPTIONING_OPS: dict[str, tuple[float, ...]] = {"pad_crop": (4,)}
+OPS_OF_TASK = {"classification": CLASSIFICATION_OPS, "segmentation": SEGMENTATION_OPS,
+               "captioning": CAPTIONING_OPS}
 
 _ITEM = re.compile(r"^(?P<name>[a-z_0-9]+)\s*(\((?P<args>[^()]*)\))?$")
 

@@ -41,7 +41,8 @@ from jaxvision.data.files import decode_all
 from jaxvision.data.source import union_skipped
 from jaxvision.data.splits import named_splits
 from jaxvision.data.tfds_builder import as_dataset, get_builder, import_tf, split_sizes
-from jaxvision.data.transforms import Normalize, normalization
+from jaxvision.data.augment import parse_augment
+from jaxvision.data.transforms import Normalize, normalization, pad_crop
 
 log = logging.getLogger(__name__)
 PREFIX, SUFFIX = "captions_", ".json"
@@ -311,11 +312,11 @@ def load_tfds(name: str, split: str, data_config) -> dict[str, CaptionSource]:
 
 def captioning_transform(data_config, *, train: bool, image_size: int | None):
   """The captioning transform: each whole image resized to image_size x image_size (no crop
-  and no flip: a caption may say what is where), normalized; `caption` is one caption per
-  example, drawn from the step's generator in training, the first one in evaluation."""
-  if train and data_config.augment:
-    raise ValueError(f"data.augment={data_config.augment!r}: captioning takes no augmentation "
-                     "(crops and flips change what a caption says)")
+  and no flip: a caption may say what is where), shifted by `pad_crop` in training, normalized;
+  `caption` is one caption per example, drawn from the step's generator in training, the first
+  one in evaluation."""
+  ops = parse_augment(data_config.augment, "captioning")
+  shift = int(ops["pad_crop"][0]) if train and "pad_crop" in ops else 0
   workers = default_workers(int(data_config.workers))
   norm = Normalize(*normalization(data_config.normalize), workers=workers)
   skip_bad = bool(data_config.skip_bad)
@@ -339,6 +340,8 @@ def captioning_transform(data_config, *, train: bool, image_size: int | None):
 
   def transform(batch, rng):
     images = np.stack(parallel_map(one, list(batch["image"]), workers))
+    if shift:
+      images = pad_crop(images, shift, rng)
     captions = batch["captions"]
     if train:
       picks = [int(rng.integers(len(c))) for c in captions]

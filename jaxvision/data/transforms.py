@@ -179,7 +179,9 @@ def _random_erase(image: np.ndarray, rng: np.random.Generator, p: float) -> np.n
   return image
 
 
-def _pad_crop(images: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
+def pad_crop(images: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
+  """[B, H, W, C] images each shifted by up to `pad` pixels: zero-padded, then a random H x W
+  crop."""
   b, h, w, _ = images.shape
   padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   tops = rng.integers(0, 2 * pad + 1, size=b)
@@ -255,7 +257,7 @@ def classification_transform(
 
       images = np.stack(parallel_map(one, range(b), workers))
     if "pad_crop" in ops and int(ops["pad_crop"][0]):
-      images = _pad_crop(np.asarray(images), int(ops["pad_crop"][0]), rng)
+      images = pad_crop(np.asarray(images), int(ops["pad_crop"][0]), rng)
     if "flip" in ops:
       images = _flip(np.asarray(images), rng)
     images = norm(images)

@@ -143,6 +143,9 @@ class ResNetFPN(nn.Module):
     fpn_features: channels of every pyramid level.
     extra: the FPN's extra levels ('p6p7_p5', 'p6p7_c5', 'pool' or 'none').
     bn_epsilon: epsilon of the frozen BatchNorms.
+    min_level: the finest level: 3 (torchvision's detectors, P3 at stride 8) or 2 (also C2,
+      as torchvision's `returned_layers=[1, 2, 3, 4]`: a stride-4 P2 for objects a few pixels
+      across, at the cost of a 4x larger finest level).
     dtype: computation dtype.
     param_dtype: parameter dtype.
   """
@@ -153,21 +156,27 @@ class ResNetFPN(nn.Module):
   fpn_features: int = 256
   extra: str = "p6p7_p5"
   bn_epsilon: float = BN_EPSILON
+  min_level: int = 3
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> list[jax.Array]:
+    if self.min_level not in (2, 3):
+      raise ValueError(f"ResNetFPN min_level={self.min_level}; choose 2 or 3")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     stages = ResNetBody(self.layers, self.block, self.widths, self.bn_epsilon, name="body",
                         **kw)(x, train=train)
-    # torchvision's detectors skip C2: it would give too many anchors (RetinaNet paper).
-    return FPN(self.fpn_features, self.extra, name="fpn", **kw)(stages[1:])
+    # torchvision's detectors skip C2 by default: it would give too many anchors (RetinaNet
+    # paper).
+    return FPN(self.fpn_features, self.extra, name="fpn", **kw)(stages[self.min_level - 2:])
 
 
-def resnet_fpn_strides(extra: str) -> tuple[int, ...]:
-  """Strides of the levels `ResNetFPN` returns: P3-P5, then P6 (and P7) for the extra levels."""
-  return (8, 16, 32) + {"none": (), "pool": (64,)}.get(extra, (64, 128))
+def resnet_fpn_strides(extra: str, min_level: int = 3) -> tuple[int, ...]:
+  """Strides of the levels `ResNetFPN` returns: P2 (for `min_level=2`), P3-P5, then P6 (and
+  P7) for the extra levels."""
+  extra_strides = {"none": (), "pool": (64,)}.get(extra, (64, 128))
+  return (4, 8, 16, 32)[min_level - 2:] + extra_strides
 
 
 def concat_levels(maps: Sequence[jax.Array], columns: int) -> jax.Array:

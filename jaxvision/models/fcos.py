@@ -87,10 +87,12 @@ class FCOS(nn.Module):
     extra: how P6/P7 are made: 'p6p7_p5' (torchvision) or 'p6p7_c5'.
     head_convs: conv-norm-ReLU layers of each head tower.
     head_groups: GroupNorm groups of the heads.
-    anchor_sizes: anchor (= location) size of each level P3 ... P7, in pixels; also the unit of
-      the box distances, and x4 / x8 of it bound the object sizes each level learns.
+    anchor_sizes: anchor (= location) size of each level P3 ... P7 (P2 ... P7 for
+      `min_level=2`), in pixels; also the unit of the box distances, and x4 / x8 of it bound the
+      object sizes each level learns.
     prior_probability: initial foreground probability of every class logit.
     bn_epsilon: epsilon of the frozen BatchNorms.
+    min_level: the finest pyramid level, 3 (torchvision) or 2 (`ResNetFPN.min_level`).
     dtype: computation dtype.
     param_dtype: parameter dtype.
   """
@@ -109,6 +111,7 @@ class FCOS(nn.Module):
   anchor_sizes: Sequence[int] = (8, 16, 32, 64, 128)
   prior_probability: float = 0.01
   bn_epsilon: float = BN_EPSILON
+  min_level: int = 3
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -120,7 +123,7 @@ class FCOS(nn.Module):
       raise ValueError(f"FCOS extra={self.extra!r}; choose 'p6p7_p5' or 'p6p7_c5'")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     levels = ResNetFPN(self.layers, self.block, self.widths, self.fpn_features, self.extra,
-                       self.bn_epsilon, name="backbone", **kw)(x, train=train)
+                       self.bn_epsilon, self.min_level, name="backbone", **kw)(x, train=train)
     head = dict(convs=self.head_convs, groups=self.head_groups, **kw)
     (cls,) = FCOSBranch([("cls_logits", self.num_classes, self.prior_probability)],
                         name="cls_head", **head)(levels)
@@ -131,13 +134,16 @@ class FCOS(nn.Module):
             "bbox_ctrness": concat_levels(ctr, 1)}
 
   def level_shapes(self, image_hw: Sequence[int]) -> list[tuple[int, int]]:
-    """(H, W) of the pyramid levels P3 ... P7 for an input of `image_hw`."""
-    return list(feature_shapes(tuple(image_hw), resnet_fpn_strides(self.extra)))
+    """(H, W) of the pyramid levels (P3 or P2 ... P7) for an input of `image_hw`."""
+    return list(feature_shapes(tuple(image_hw), resnet_fpn_strides(self.extra, self.min_level)))
 
   def anchors(self, image_hw: Sequence[int]) -> AnchorSet:
     """The anchor boxes of the head outputs for an input of `image_hw`, one per location:
     [N, 4] float32 xyxy pixels (`.boxes`) in output order, with `.level_sizes`."""
     shapes = self.level_shapes(image_hw)
+    if len(self.anchor_sizes) < len(shapes):
+      raise ValueError(f"FCOS has {len(shapes)} pyramid levels but anchor_sizes="
+                       f"{tuple(self.anchor_sizes)} names {len(self.anchor_sizes)}")
     sizes = [(s,) for s in self.anchor_sizes[:len(shapes)]]
     return grid_anchors(tuple(image_hw), shapes, sizes, ((1.0,),) * len(sizes))
 
