@@ -29,19 +29,19 @@ import os
 
 import numpy as np
 
+from jaxvision.data.augment import parse_augment
 from jaxvision.data.decode import (
-    EncodedImage,
-    decode_crop_resize,
-    decode_mode,
-    default_workers,
-    parallel_map,
-    probe,
+  EncodedImage,
+  decode_crop_resize,
+  decode_mode,
+  default_workers,
+  parallel_map,
+  probe,
 )
 from jaxvision.data.files import decode_all
 from jaxvision.data.source import union_skipped
 from jaxvision.data.splits import named_splits
 from jaxvision.data.tfds_builder import as_dataset, get_builder, import_tf, split_sizes
-from jaxvision.data.augment import parse_augment
 from jaxvision.data.transforms import Normalize, normalization, pad_crop
 
 log = logging.getLogger(__name__)
