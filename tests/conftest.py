@@ -5,6 +5,7 @@ imports jax. Tests that need another device count run in a subprocess.
 """
 
 import os
+import re
 import shutil
 import tempfile
 
@@ -21,12 +22,14 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
   ).strip()
-# Tests compile hundreds of small programs and run each for a few steps, so LLVM's optimisation
+# Tests compile hundreds of small programs and run each for a few steps, so LLVM's full optimisation
 # of the CPU code costs far more than it saves: without it a tiny ViT's forward/backward test
 # takes half the time. The programs compute the same values (tolerances are unchanged); set the
 # flag in XLA_FLAGS to test at another level.
-if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+_LEVEL = re.search(r"--xla_backend_optimization_level=\S+", os.environ["XLA_FLAGS"])
+OPT_LEVEL_FLAG = _LEVEL.group(0) if _LEVEL else "--xla_backend_optimization_level=1"
+if not _LEVEL:
+  os.environ["XLA_FLAGS"] += " " + OPT_LEVEL_FLAG
 
 import pathlib  # noqa: E402
 
@@ -76,7 +79,12 @@ def cached_env(cache_dir: str, devices: int = 4) -> dict[str, str]:
   """The environment of a CPU subprocess with `devices` devices that shares the cache."""
   return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+              XLA_FLAGS=xla_flags(devices))
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS of a CPU subprocess with `devices` devices, at the suite's optimisation level."""
+  return f"--xla_force_host_platform_device_count={devices} {OPT_LEVEL_FLAG}"
 
 
 def read_metrics(workdir, split: str = "train") -> list[dict]:

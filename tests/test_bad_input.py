@@ -21,6 +21,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from train.workdir import LOCK_FILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,7 +188,7 @@ def _tree_digest(path: str) -> str:
 
 def _env() -> dict[str, str]:
   return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}")
+              XLA_FLAGS=xla_flags(DEVICES))
 
 
 @pytest.fixture(scope="module")

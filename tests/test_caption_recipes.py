@@ -48,7 +48,8 @@ def _shape_set(root: str) -> set[str]:
 
 
 @pytest.mark.parametrize("name,make", [
-    ("caption_digits", _digit_set),
+    # 20-40 s each on a 2-core CPU (test_captioning_task trains the task in the default suite).
+    pytest.param("caption_digits", _digit_set, marks=pytest.mark.slow),
     # The same code path again (test_configs runs this recipe's own model for a step as well).
     pytest.param("caption_shapes", _shape_set, marks=pytest.mark.slow)])
 def test_recipe_trains_evaluates_and_draws_its_attention(name, make, tmp_path):

@@ -151,9 +151,9 @@ def _smoke_overrides(name: str, tmp_path) -> dict:
 
 
 # The default suite rebuilds the light experiments; the rest compile a full-size step each (20-70
-# s on a 2-core CPU) and run with -m slow. The detection and captioning recipes also go through
-# the trainer and config.json in test_detection_recipe / test_caption_recipes.
-LIGHT = {"finetune_mnist", "lenet_digits", "lenet_mnist", "multitask_digits"}
+# s on a 2-core CPU) and run with -m slow, as do the detection and captioning recipes'
+# end-to-end runs (test_detection_recipe / test_caption_recipes).
+LIGHT = {"lenet_digits", "lenet_mnist"}
 
 
 @pytest.mark.parametrize("name", [

@@ -17,9 +17,9 @@ from conftest import read_metrics
 from jaxvision.tasks.detection import METRICS
 from train import loop, viz
 
-# The default preset runs in the default suite; the other detectors are the slow cases.
-PRESETS = [p if p == detect_digits.PRESETS[0] else pytest.param(p, marks=pytest.mark.slow)
-           for p in detect_digits.PRESETS]
+# 50 s and more each on a 2-core CPU: slow cases (test_detection_task trains each detector family
+# through the trainer in the default suite).
+PRESETS = [pytest.param(p, marks=pytest.mark.slow) for p in detect_digits.PRESETS]
 SIZE = 64
 
 

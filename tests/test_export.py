@@ -149,6 +149,7 @@ def test_onnx_runs_in_onnx_runtime(tmp_path, cases):
       np.testing.assert_allclose(run(images[:n])[0], expected[:n], atol=TOL, rtol=0)
 
 
+@pytest.mark.slow  # 7-12 s: TensorFlow's import and conversion
 @pytest.mark.skipif(not HAS_TF, reason="exercises the error without TensorFlow instead")
 def test_savedmodel_runs_in_tensorflow(tmp_path, cases):
   for name, (exportable, images, expected) in cases.items():

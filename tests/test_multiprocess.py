@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from configs import lenet_digits
+from conftest import xla_flags
 from train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +75,7 @@ def start_workers(root, workdir: str, settings: dict) -> list[subprocess.Popen]:
   """Process 0 and 1 of a run on 127.0.0.1, each with 2 CPU devices; output in root/log{i}."""
   port = free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+             XLA_FLAGS=xla_flags(2))
   procs = []
   for i in range(2):
     with open(root / f"log{i}", "w") as log:

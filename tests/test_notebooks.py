@@ -13,6 +13,8 @@ import pathlib
 
 import pytest
 
+from conftest import xla_flags
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -34,7 +36,7 @@ def _kernel_env(cache_dir: str) -> dict[str, str]:
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
       JAXVISION_SMOKE="1",
       JAX_PLATFORMS="cpu",
-      XLA_FLAGS="--xla_force_host_platform_device_count=4",
+      XLA_FLAGS=xla_flags(4),
       PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
       MPLBACKEND="module://matplotlib_inline.backend_inline",
       TF_CPP_MIN_LOG_LEVEL="2",
@@ -63,9 +65,9 @@ def compile_cache(tmp_path_factory) -> str:
   return str(tmp_path_factory.mktemp("jax_cache"))
 
 
-# The quickstart runs in the default suite; the others (40-55 s each on a 2-core CPU) with -m slow.
-@pytest.mark.parametrize("name", [
-    n if n == "quickstart" else pytest.param(n, marks=pytest.mark.slow) for n in NOTEBOOKS])
+# 25-55 s each on a 2-core CPU: run with -m slow.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_in_smoke_mode(name, compile_cache):
   nb = _read(name)
   client = nbclient.NotebookClient(

@@ -309,6 +309,7 @@ def test_default_weights_table():
   assert not is_spec("runs/lenet_digits") and not is_spec("")
 
 
+@pytest.mark.slow  # 17-29 s: a trainer run
 def test_trainer_init_from_a_hub_spec_fits_the_head(hub_cache, resnet, tmp_path, caplog):
   """config.init_from takes the same specs: the trunk loads, the head fits the run's classes."""
   _, variables, _ = resnet

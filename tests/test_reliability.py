@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import small_config
+from conftest import small_config, xla_flags
 from train import loop
 from train.checkpoint import create_manager
 
@@ -195,7 +195,7 @@ def test_same_seed_gives_bitwise_identical_metrics(tmp_path):
   """
   settings = dict(total_steps=30, log_every=5, eval_every=15, checkpoint_every=15)
   loop.train_and_evaluate(config_with(**settings), str(tmp_path / "a"))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(4))
   result = subprocess.run(
       [sys.executable, "-m", "train", "--config", "configs/lenet_digits.py",
        "--workdir", str(tmp_path / "b"), "--config.batch_size=32", "--config.progress=none",

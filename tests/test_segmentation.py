@@ -16,6 +16,7 @@ from PIL import Image
 from scipy import ndimage
 
 from configs import base
+from conftest import xla_flags
 from jaxvision.models import create_model
 from jaxvision.segmentation import (
     add_weight_map,
@@ -136,7 +137,7 @@ def test_eval_sums_over_four_devices_with_padded_final_batch():
   if len(jax.devices()) >= 4:
     got = four_device_eval()
   else:  # the backend is already up with fewer devices: fake 4 in a fresh process
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(4),
            "JAX_PLATFORMS": "cpu"}
     here = os.path.abspath(__file__)
     code = (f"import json, runpy; m = runpy.run_path({here!r}); "

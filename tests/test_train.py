@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import read_metrics, small_config
+from conftest import read_metrics, small_config, xla_flags
 from train import loop
 from train.build import build_model
 from train.checkpoint import create_manager
@@ -30,7 +30,7 @@ def final_params(workdir):
 
 
 def run_cli(*args, env_devices=4, timeout=240):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={env_devices}",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(env_devices),
              JAX_PLATFORMS="cpu")
   return subprocess.run(
       [sys.executable, "-m", "train", *args], cwd=REPO, env=env, capture_output=True, text=True,
@@ -172,6 +172,18 @@ def test_help_exits_zero_and_a_misspelt_key_is_one_plain_line(tmp_path):
   assert "\\" not in line
 
 
+def test_cli_keeps_its_compiled_programs_in_the_users_cache(tmp_path):
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu", HOME=str(tmp_path))
+  env.pop("JAX_COMPILATION_CACHE_DIR")
+  result = subprocess.run(
+      [sys.executable, "-m", "train", "--config", "configs/lenet_digits.py", "--workdir",
+       str(tmp_path / "w"), "--config.total_steps=1", "--config.eval_split="],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+  assert result.returncode == 0, result.stderr
+  # At least the parameter init, the train step and the checkpoint checksums.
+  assert len(list((tmp_path / ".cache" / "jaxvision" / "xla").iterdir())) >= 3
+
+
 def test_cli_indivisible_batch_is_one_line_error(tmp_path):
   result = run_cli("--config", "configs/lenet_digits.py", "--workdir", str(tmp_path / "w"),
                    "--config.batch_size=30")
@@ -223,7 +235,7 @@ def test_cli_model_kwargs_reach_the_model(tmp_path):
 
 def test_sigterm_saves_and_exits_zero(tmp_path):
   workdir = tmp_path / "w"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
   proc = subprocess.Popen(
       [sys.executable, "-m", "train", "--config", "configs/lenet_digits.py", "--workdir",
        str(workdir), "--config.total_steps=100000", "--config.log_every=10",

@@ -95,6 +95,7 @@ def second_trainer_is_refused(cache, path) -> None:
   assert rows == [(s, "train") for s in range(10, saved // 10 * 10 + 1, 10)]
 
 
+@pytest.mark.slow  # 18-24 s: two trainer processes
 def test_a_second_trainer_on_the_workdir_is_refused(tmp_path, compile_cache):
   second_trainer_is_refused(compile_cache, tmp_path / "w")
 

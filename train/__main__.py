@@ -76,6 +76,12 @@ _TARGET = flags.DEFINE_string(
     "(a Colab v5e-1), 'tpu:v4:2x2x1', 'tpu:v5p:2x2x1', 'tpu:v6e:2x2' (needs libtpu: "
     "pip install 'jaxvision[tpu]').",
 )
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", os.path.join("~", ".cache", "jaxvision", "xla"),
+    "Directory of JAX's persistent compilation cache: a rerun of the same programs (a resumed "
+    "run, another learning rate) loads its compiled steps instead of compiling them again. '' "
+    "turns it off; JAX_COMPILATION_CACHE_DIR, when set, is used instead.",
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -183,6 +189,11 @@ def main(argv):
     jax.distributed.initialize(**timeouts)
 
   logging.getLogger("absl").setLevel(logging.WARNING)
+  if _COMPILATION_CACHE.value and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_COMPILATION_CACHE.value))
+    # Every program the trainer compiles, also the sub-second ones: together they are the
+    # seconds before a short run's first step.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   if _DRY_RUN.value:
     try:
       sys.exit(dry_run.dry_run(config, target=_TARGET.value))
