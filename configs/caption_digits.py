@@ -9,6 +9,11 @@ accuracy 0.940 on the 1,000 held-out strips, 13 min 23 s wall for the training c
 28 x 140 strip is resized to 70 x 70, so a 14-px patch column covers one digit (14 px wide,
 squeezed 2x). The cross-attention of each word sweeps left to right over the strip, at or
 within half a column of its digit, mostly in the top row of patches.
+
+The training loss ends at 0.003: the model knows the training digits by heart. Shifts of up to
+4 px with dropout 0.1 (`--config.data.augment='pad_crop(4)' --model_kwargs=dropout=0.1`) on the
+same schedule underfit instead: training loss 0.40, exact match 0.654, BLEU-4 0.771 (12 min
+16 s, 2026-12-01).
 """
 
 from configs import base
@@ -29,10 +34,6 @@ def get_config(arg: str | None = None):
   c.image_size = 70
   c.batch_size = 64
   c.caption.max_len = 6  # five digit words and the end token
-  # Shifts of up to 4 px and dropout: without them the model learns the 8,000 training digits by
-  # heart (training loss 0.003) and reads held-out digits worse.
-  c.data.augment = "pad_crop(4)"
-  c.model_kwargs.dropout = 0.1
   c.optimizer = "adamw"
   c.weight_decay = 0.05
   c.schedule = "warmup_cosine"

@@ -10,18 +10,21 @@ are 2-30 px wide and 7-30 px tall: all COCO 'small'), 10 classes. Train canvases
 images [0, 8000), the 500 held-out val canvases only [8000, 10000). The metric is COCO box AP
 on the val canvases (`ap`, `ap50`, ...), read through the `coco:` reader.
 
-Measured 2026-12-01 on the 2-core CPU (fcos preset, 10,000 train canvases): AP 0.711, AP50
-0.898, AP75 0.820, AR100 0.777 on the 500 val canvases, 16 min 43 s wall for the command above.
-The 4,000-step schedule gave AP 0.701 / AP50 0.897 in 13 min 44 s. The misses are the smallest
-digits (a '1' drawn at 14 px has an ink box ~4 px wide) and digits overlapping a larger one;
-the confusions are between look-alike scrawls (a '2' called '3').
+Measured 2026-12-01 on the 2-core CPU (fcos preset, 10,000 train canvases): AP 0.758, AP50
+0.949, AP75 0.876, AR100 0.811 on the 500 val canvases, 10 min 23 s wall for the command above
+(at step 1500: AP 0.727, AP50 0.938; 4,000 steps gave AP 0.768 / AP50 0.953 in 19 min 50 s on a
+busier machine). The same detector without the stride-4 level (64-channel FPN, P3-P7) reached
+AP 0.711 / AP50 0.898 in 5,000 steps: 3.4% of the val digits held no P3 location. What is left:
+digits under or over a larger one (duplicate boxes and a look-alike class at a lower score) and
+small scrawls called a neighbouring class (an '8' drawn at 14 px).
 
 Presets ('fcos' is the default):
-  fcos       `fcos_tiny` widened (ResNet widths 16..128, 64-channel FPN and heads); every digit
-             falls in P3's range (regression distances up to 64 px), so the stride-8 level does
-             all the work.
-  retinanet  `retinanet_tiny` widened the same way, anchors of 12..192 px (3 per octave) with
-             height/width ratios 1, 1.6 and 2.6 (digits are taller than wide).
+  fcos       `fcos_tiny` widened (ResNet widths 16..128) with a stride-4 P2 level (32-channel
+             FPN and heads, P2-P7); every digit falls in P2's range (regression distances up to
+             32 px), so the stride-4 level does nearly all the work.
+  retinanet  `retinanet_tiny` with the same ResNet widths, a 64-channel FPN (P3-P7), anchors of
+             12..192 px (3 per octave) with height/width ratios 1, 1.6 and 2.6 (digits are
+             taller than wide).
   ssd        `ssd_tiny` widened (16..64 channels), four levels at strides 8..64 with default
              boxes of 9..90 px.
 """
