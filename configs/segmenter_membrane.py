@@ -49,7 +49,7 @@ here overlap-tiles with `eval_margin` pixels of mirrored context on each side
 Presets ('cpu' is the default):
   cpu       ViT-Ti width (192, 3 heads) with 4-pixel patches and 6 blocks, linear decoder
             (2.72M parameters); 64x64 crops (a 16x16 patch grid), batch 8, AdamW with warm-up
-            and cosine decay, 1500 steps.
+            and cosine decay, 1200 steps.
   cpu_mask  the same encoder with the mask transformer (2 layers, dropout 0.1 as the official
             code; 3.72M parameters).
   gpu       Seg-S/8 (ViT-S, 12 blocks, 8-pixel patches) with the linear decoder, 256x256 crops,
@@ -99,10 +99,10 @@ def get_config(arg: str | None = None):
     c.learning_rate = 1e-3
     c.weight_decay = 0.05
     c.warmup_steps = 50
-    c.total_steps = 1500
+    c.total_steps = 1200
     c.log_every = 25
-    c.eval_every = 500
-    c.checkpoint_every = 500
+    c.eval_every = 600
+    c.checkpoint_every = 600
   else:
     c.model = "segmenter_mask_s8" if preset == "gpu_mask" else "segmenter_linear_s8"
     c.model_kwargs.drop_path = 0.1

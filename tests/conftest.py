@@ -93,3 +93,17 @@ def read_metrics(workdir, split: str = "train") -> list[dict]:
 
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def final_params(workdir):
+  """(latest step, its params as NumPy arrays) of WORKDIR's checkpoints."""
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+
+  from train.checkpoint import create_manager
+
+  manager = create_manager(os.path.join(workdir, "checkpoints"), keep=5, read_only=True)
+  step = manager.latest_step()
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return step, jax.tree.map(np.asarray, restored["state"]["params"])

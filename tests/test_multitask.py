@@ -120,6 +120,7 @@ def test_one_training_step_moves_both_heads():
     assert not np.array_equal(new_state.params[head]["kernel"], state.params[head]["kernel"])
 
 
+@pytest.mark.slow  # 9-11 s: a trainer run (test_one_training_step_moves_both_heads stays)
 def test_multitask_config_trains_through_the_trainer(tmp_path):
   config = multitask_digits.get_config()
   config.total_steps, config.eval_every, config.checkpoint_every = 30, 0, 0
