@@ -24,13 +24,11 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import lenet_digits
-from conftest import cached_env
+from conftest import cached_env, final_params
 from train import loop
-from train.checkpoint import create_manager
 
 pytestmark = pytest.mark.usefixtures("compile_cache")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,12 +99,6 @@ def save_in_progress(workdir: str) -> list[str]:
                                 "ocdbt.process_0", "d", "*"))
 
 
-def params_at_last_step(workdir: str):
-  """(step, params) of the newest checkpoint."""
-  manager = create_manager(os.path.join(workdir, "checkpoints"), keep=3, read_only=True)
-  step = manager.latest_step()
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  return step, jax.tree.map(np.asarray, state["params"])
 
 
 def logged(workdir: str) -> dict[tuple[int, str], list[float]]:
@@ -167,8 +159,8 @@ def test_kill_and_sigterm_then_resume_equals_uninterrupted(tmp_path, compile_cac
   assert run.finish() == 0, "\n".join(run.lines)
   assert not glob.glob(os.path.join(workdir, "checkpoints", "*orbax-checkpoint-tmp*"))
 
-  step_a, straight = params_at_last_step(str(tmp_path / "straight"))
-  step_b, resumed = params_at_last_step(workdir)
+  step_a, straight = final_params(str(tmp_path / "straight"))
+  step_b, resumed = final_params(workdir)
   assert step_a == step_b == SETTINGS["total_steps"]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), straight, resumed)
   # Every logged loss, redone steps included, is the uninterrupted run's.

@@ -16,12 +16,10 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from conftest import small_config, xla_flags
+from conftest import final_params, small_config, xla_flags
 from train import loop
-from train.checkpoint import create_manager
 
 pytestmark = pytest.mark.usefixtures("compile_cache")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,12 +31,6 @@ def config_with(**overrides):
   return small_config(**{"total_steps": 30, **overrides})
 
 
-def last_params(workdir):
-  """(step, params) of the newest checkpoint."""
-  manager = create_manager(os.path.join(workdir, "checkpoints"), keep=3, read_only=True)
-  step = manager.latest_step()
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  return step, jax.tree.map(np.asarray, state["params"])
 
 
 def _last_row_per_step(workdir):
@@ -110,8 +102,8 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(runs, tmp_path, caplog
   assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20", "20.unreadable", "30"]
   # The redone steps 11..20 give the losses they gave before, and the run the straight one's.
   assert _last_row_per_step(workdir) == _last_row_per_step(runs / "straight")
-  step_a, a = last_params(runs / "straight")
-  step_b, b = last_params(workdir)
+  step_a, a = final_params(runs / "straight")
+  step_b, b = final_params(workdir)
   assert step_a == step_b == 30
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), a, b)
 
@@ -124,8 +116,8 @@ def test_every_checkpoint_damaged_starts_afresh(runs, tmp_path, caplog):
   with caplog.at_level(logging.WARNING, logger="train"):
     loop.train_and_evaluate(config_with(), str(workdir))
   assert sum("unreadable" in r.getMessage() for r in caplog.records) == 2
-  _, a = last_params(runs / "straight")
-  _, b = last_params(workdir)
+  _, a = final_params(runs / "straight")
+  _, b = final_params(workdir)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), a, b)
 
 
@@ -205,6 +197,6 @@ def test_same_seed_gives_bitwise_identical_metrics(tmp_path):
   a, b = metric_rows(tmp_path / "a"), metric_rows(tmp_path / "b")
   assert len(a) == 8 and {r["split"] for r in a} == {"train", "eval"}
   assert a == b  # JSON floats round-trip exactly: equal rows are equal bits
-  _, params_a = last_params(tmp_path / "a")
-  _, params_b = last_params(tmp_path / "b")
+  _, params_a = final_params(tmp_path / "a")
+  _, params_b = final_params(tmp_path / "b")
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)

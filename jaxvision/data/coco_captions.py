@@ -31,12 +31,12 @@ import numpy as np
 
 from jaxvision.data.augment import parse_augment
 from jaxvision.data.decode import (
-  EncodedImage,
-  decode_crop_resize,
-  decode_mode,
-  default_workers,
-  parallel_map,
-  probe,
+    EncodedImage,
+    decode_crop_resize,
+    decode_mode,
+    default_workers,
+    parallel_map,
+    probe,
 )
 from jaxvision.data.files import decode_all
 from jaxvision.data.source import union_skipped

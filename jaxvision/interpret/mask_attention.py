@@ -32,7 +32,6 @@ from jaxvision.models.segmenter import Segmenter, upsample_logits
 
 
 def _check(model, images) -> jax.Array:
-
   if not isinstance(model, Segmenter) or model.decoder != "mask":
     name = type(model).__name__ + (f"(decoder={model.decoder!r})"
                                    if isinstance(model, Segmenter) else "")

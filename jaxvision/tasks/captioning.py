@@ -296,7 +296,6 @@ def attention_picture(image: np.ndarray, tokens: np.ndarray, attention: np.ndarr
   showing its `attention` [T, N] over the image tokens (the class token left out)."""
   from PIL import Image, ImageDraw
 
-
   rgb = to_display(np.asarray(image))
   h, w = rgb.shape[:2]
   scale = panel / max(h, w)
