@@ -29,6 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train_split = "train[:80%]"  # TFDS slicing syntax, for every source
   c.eval_split = "train[80%:]"  # '' disables evaluation
   c.image_size = 28  # model input height = width (sources resize or crop to it)
+  # Captioning only: the model input's width when it is not image_size, e.g. 140 for 28 x 140
+  # strips (each image resized to image_size x image_width); 0: square.
+  c.image_width = 0
   c.batch_size = 128  # global batch, over all devices and processes
   c.eval_batch_size = 0  # 0: same as batch_size
   # A description of the data, written by the trainer when it resolves the config (never set it

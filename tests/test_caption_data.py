@@ -66,6 +66,23 @@ def test_digit_strips_read_back_with_their_captions(tmp_path):
   np.testing.assert_array_equal(source.images[3], strips[3])
 
 
+def test_strips_keep_their_aspect_with_image_width(tmp_path):
+  """image_size x image_width: 8 x 40 strips reach the model whole (no square squeeze), at
+  another size resized to that shape; other tasks refuse image_width in one line."""
+  strips, captions = _digits(6)
+  write_coco_captions(str(tmp_path), "train", strips, captions)
+  for width, height in ((40, 8), (80, 16)):
+    config = _config(f"coco_captions:{tmp_path}")
+    config.image_size, config.image_width = height, width
+    data = create_input(config, "train", train=True)
+    assert data.image_shape == (height, width, 1)
+    batch = next(iter(data.train_batches(0)))
+    assert batch["image"].shape == (4, height, width, 1)
+  with pytest.raises(ValueError, match=r"config.image_width=40 is for captioning only"):
+    build_transform(base.get_config().data, train=True, task="classification",
+                    image_size=(8, 40))
+
+
 def test_shape_scenes_and_split_slicing(shapes_dir):
   source = load_source(f"coco_captions:{shapes_dir}", "train[:4]+val")
   assert len(source) == 9 and source.channels == 3

@@ -47,18 +47,20 @@ def _shape_set(root: str) -> set[str]:
   return {*COLOURS, *SHAPES, "a", "of", "left", "right", "above", "below", "there", "is"}
 
 
-@pytest.mark.parametrize("name,make", [
+@pytest.mark.parametrize("name,make,height,width", [
     # 20-40 s each on a 2-core CPU (test_captioning_task trains the task in the default suite).
-    pytest.param("caption_digits", _digit_set, marks=pytest.mark.slow),
+    # The digit strips keep their shape (8 x 40 here, as the recipe keeps 28 x 140).
+    pytest.param("caption_digits", _digit_set, 8, 40, marks=pytest.mark.slow),
     # The same code path again (test_configs runs this recipe's own model for a step as well).
-    pytest.param("caption_shapes", _shape_set, marks=pytest.mark.slow)])
-def test_recipe_trains_evaluates_and_draws_its_attention(name, make, tmp_path):
+    pytest.param("caption_shapes", _shape_set, 16, 0, marks=pytest.mark.slow)])
+def test_recipe_trains_evaluates_and_draws_its_attention(name, make, height, width, tmp_path):
   data = str(tmp_path / "data")
   words = make(data)
   workdir = str(tmp_path / "run")
   config = small_config(
       name, dataset=f"coco_captions:{data}", total_steps=4, batch_size=8, eval_batch_size=4,
-      log_every=2, eval_every=0, checkpoint_every=0, warmup_steps=0, image_size=16,
+      log_every=2, eval_every=0, checkpoint_every=0, warmup_steps=0, image_size=height,
+      image_width=width,
       **{"model_kwargs.patch_size": 4, "model_kwargs.encoder_size": (32, 1, 2, 64),
          "model_kwargs.decoder_size": (32, 1, 2, 64), "caption.min_count": 1,
          "caption.pictures": 3, "data.prefetch": 0, "mesh.num_devices": 1})
@@ -81,10 +83,14 @@ def test_recipe_trains_evaluates_and_draws_its_attention(name, make, tmp_path):
   # attention panel per generated word (the end token included) below.
   pictures = sorted(os.listdir(os.path.join(workdir, "overlays")))
   assert pictures == ["eval_000.png", "eval_001.png", "eval_002.png"]
+  panel_w = PANEL  # the longer side
+  panel_h = round(PANEL * height / width) if width else PANEL
+  assert saved["model_kwargs"]["image_size"] == ([height, width] if width else height)
   with Image.open(os.path.join(workdir, "overlays", "eval_000.png")) as first:
-    assert first.height == 2 * PANEL + 42 and first.width % PANEL == 0 and first.width >= 3 * PANEL
+    assert first.height == 2 * panel_h + 42 and first.width % panel_w == 0
+    assert first.width >= 3 * panel_w
     drawn = np.asarray(first.convert("RGB"))
-  assert drawn[PANEL + 14:2 * PANEL + 14].std() > 0  # the panels show the image, not blank
+  assert drawn[panel_h + 14:2 * panel_h + 14].std() > 0  # the panels show the image, not blank
 
   out = str(tmp_path / "viz")
   assert viz.main(["captions", "--workdir", workdir, "--num", "2", "--out", out]) == 0

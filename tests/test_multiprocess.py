@@ -174,6 +174,7 @@ def test_checkpoint_of_two_processes_resumes_in_one(two_processes, one_process, 
     np.testing.assert_allclose(loss, reference[key], rtol=1e-5, err_msg=str(key))
 
 
+@pytest.mark.slow  # two more trainer processes; one-process SIGTERM is in test_train.py
 def test_sigterm_to_one_process_stops_both_with_a_checkpoint(tmp_path):
   """A preemption notice reaches hosts at different times: process 0 alone gets it here."""
   workdir = str(tmp_path / "w")

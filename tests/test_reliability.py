@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import final_params, small_config, xla_flags
+from train import checkpoint as ckpt
 from train import loop
 
 pytestmark = pytest.mark.usefixtures("compile_cache")
@@ -106,6 +107,24 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(runs, tmp_path, caplog
   step_b, b = final_params(workdir)
   assert step_a == step_b == 30
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), a, b)
+
+
+def test_host_and_device_checksums_agree_on_every_dtype():
+  """A checkpoint written by a single process (host checksums) verifies where its arrays are
+  sharded over processes (device checksums), and back."""
+  rng = np.random.default_rng(0)
+  leaves = [
+      jax.numpy.asarray(rng.normal(size=(3, 5)).astype(np.float32)),
+      jax.numpy.asarray(rng.normal(size=(4,))).astype(jax.numpy.bfloat16),
+      jax.numpy.asarray(rng.integers(-5, 5, (7,)).astype(np.int32)),
+      jax.numpy.asarray(rng.integers(0, 255, (9,)).astype(np.uint8)),
+      jax.numpy.asarray([True, False, True]),
+      jax.numpy.int32(-1),
+  ]
+  on_device = [int(v) for v in jax.device_get(ckpt._fingerprint(None)(leaves))]
+  on_host = [ckpt._host_fingerprint(np.asarray(x)) for x in leaves]
+  assert on_host == on_device
+  assert len(set(on_host)) == len(on_host)
 
 
 def test_every_checkpoint_damaged_starts_afresh(runs, tmp_path, caplog):

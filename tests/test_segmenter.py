@@ -228,6 +228,7 @@ def test_both_decoders_match_a_numpy_reference_on_a_padded_input():
   np.testing.assert_allclose(out_mask, upsample(logits), atol=1e-4)
 
 
+@pytest.mark.slow  # dropout everywhere: the slowest compile of this file
 def test_tiny_forward_backward_finite_nonzero_grads_with_dropout():
   # Dropout and stochastic depth on (attention dropout in the decoder; the ViT tests cover the
   # encoder's); the mask model with one block in the encoder and one in the decoder, as each

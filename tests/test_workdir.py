@@ -108,11 +108,11 @@ def test_a_second_trainer_is_refused_twenty_times_in_twenty(tmp_path, compile_ca
 
 def test_the_lock_of_a_killed_trainer_is_free(tmp_path, compile_cache):
   path = tmp_path / "w"
-  first, log = _start(compile_cache, path, "--config.total_steps=400")
-  _wait_for(log, "train step 10/", first)
+  first, log = _start(compile_cache, path, "--config.total_steps=400", "--config.log_every=1")
+  _wait_for(log, "train step 1/", first)  # the lock is taken before the first step
   first.kill()
   first.wait()
-  result = run(compile_cache, path)
+  result = run(compile_cache, path, "--config.total_steps=2", "--config.eval_split=")
   assert result.returncode == 0, result.stderr
 
 

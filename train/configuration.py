@@ -32,6 +32,7 @@ def validate(config) -> None:
        "must be positive (or set num_epochs)")
   need(config.num_epochs >= 0, "num_epochs", "must be >= 0")
   need(config.image_size > 0, "image_size", "must be positive")
+  need(config.image_width >= 0, "image_width", "must be >= 0 (0: image_size, square)")
   need(config.log_every > 0, "log_every", "must be positive")
   need(config.eval_every >= 0, "eval_every", "must be >= 0")
   need(config.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")

@@ -310,20 +310,21 @@ def load_tfds(name: str, split: str, data_config) -> dict[str, CaptionSource]:
   return sources
 
 
-def captioning_transform(data_config, *, train: bool, image_size: int | None):
-  """The captioning transform: each whole image resized to image_size x image_size (no crop
-  and no flip: a caption may say what is where), shifted by `pad_crop` in training, normalized;
-  `caption` is one caption per example, drawn from the step's generator in training, the first
-  one in evaluation."""
+def captioning_transform(data_config, *, train: bool,
+                         image_size: int | tuple[int, int] | None):
+  """The captioning transform: each whole image resized to image_size x image_size, or to
+  `image_size`'s (height, width) (no crop and no flip: a caption may say what is where), shifted
+  by `pad_crop` in training, normalized; `caption` is one caption per example, drawn from the
+  step's generator in training, the first one in evaluation."""
   ops = parse_augment(data_config.augment, "captioning")
   shift = int(ops["pad_crop"][0]) if train and "pad_crop" in ops else 0
   workers = default_workers(int(data_config.workers))
   norm = Normalize(*normalization(data_config.normalize), workers=workers)
   skip_bad = bool(data_config.skip_bad)
+  shape = (image_size, image_size) if isinstance(image_size, int) else image_size
 
   def one(item):
-    if isinstance(item, np.ndarray) and (image_size is None or item.shape[:2] == (
-        image_size, image_size)):
+    if isinstance(item, np.ndarray) and (shape is None or item.shape[:2] == tuple(shape)):
       return item
     if image_size is None:
       raise ValueError("the captioning transform needs an image_size for images of any size")
@@ -336,7 +337,7 @@ def captioning_transform(data_config, *, train: bool, image_size: int | None):
       log.warning("data.skip_bad: replacing %s by a gray image", e)
       channels = item.shape[-1] if isinstance(item, np.ndarray) else (
           1 if item.mode == "L" else 3)
-      return np.full((image_size, image_size, channels), 128, np.uint8)
+      return np.full((*shape, channels), 128, np.uint8)
 
   def transform(batch, rng):
     images = np.stack(parallel_map(one, list(batch["image"]), workers))

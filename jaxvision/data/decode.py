@@ -155,9 +155,11 @@ Box = tuple[float, float, float, float]  # (left, top, right, bottom) in pixels
 
 
 def decode_crop_resize(
-    item: EncodedImage | np.ndarray, box_fn: Callable[[int, int], Box], size: int,
+    item: EncodedImage | np.ndarray, box_fn: Callable[[int, int], Box],
+    size: int | tuple[int, int],
 ) -> np.ndarray:
-  """Decodes `item`, crops the box `box_fn(width, height)` and resizes it to size x size.
+  """Decodes `item`, crops the box `box_fn(width, height)` and resizes it to size x size (or
+  to `size`'s (height, width)).
 
   JPEG files are decoded at a reduced DCT scale (PIL's draft mode) when the crop is at least
   twice the output size: a 4000x3000 photo cropped to 224 never decodes at full resolution.
@@ -170,8 +172,9 @@ def decode_crop_resize(
       width, height = im.size
       box = box_fn(width, height)
       if im.format == "JPEG":
-        scale_w = size / max(box[2] - box[0], 1)
-        scale_h = size / max(box[3] - box[1], 1)
+        out_h, out_w = (size, size) if isinstance(size, int) else size
+        scale_w = out_w / max(box[2] - box[0], 1)
+        scale_h = out_h / max(box[3] - box[1], 1)
         im.draft(item.mode, (int(np.ceil(width * scale_w)), int(np.ceil(height * scale_h))))
         fx, fy = im.size[0] / width, im.size[1] / height
         box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
@@ -180,9 +183,10 @@ def decode_crop_resize(
     raise ValueError(f"cannot read image {item.name}: {_reason(e)}") from None
 
 
-def _resize(image: Image.Image, box: Box, size: int, channels: int) -> np.ndarray:
+def _resize(image: Image.Image, box: Box, size: int | tuple[int, int], channels: int) -> np.ndarray:
   # One PIL call crops and resizes (with antialiasing), without an intermediate copy.
-  out = np.asarray(image.resize((size, size), Image.BILINEAR, box=box))
+  height, width = (size, size) if isinstance(size, int) else size
+  out = np.asarray(image.resize((width, height), Image.BILINEAR, box=box))
   return out[..., None] if channels == 1 and out.ndim == 2 else out
 
 

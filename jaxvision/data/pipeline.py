@@ -26,7 +26,7 @@ class ArrayInput:
   Attributes:
     source: the split's examples.
     global_batch_size: examples per step over all processes.
-    image_size: side of the square images the transform delivers.
+    image_size: side of the square images the transform delivers, or their (height, width).
     process_index / process_count: this process's rank, and how many read in parallel.
     balanced: draw each epoch's order class-balanced (with replacement) instead of uniformly.
     prepare: host-side additions applied after the transform (`Task.prepare`), in the
@@ -39,7 +39,7 @@ class ArrayInput:
       *,
       global_batch_size: int,
       transform: Transform,
-      image_size: int,
+      image_size: int | tuple[int, int],
       seed: int = 0,
       process_index: int = 0,
       process_count: int = 1,
@@ -54,7 +54,7 @@ class ArrayInput:
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // process_count
     self.transform = transform
-    self.image_size = int(image_size)
+    self.image_size = image_size
     self.seed = seed
     self.process_index = process_index
     self.process_count = process_count
@@ -66,6 +66,8 @@ class ArrayInput:
   def from_config(cls, config, source, *, train: bool, process_index: int = 0,
                   process_count: int = 1) -> ArrayInput:
     """The input of `source` with the run config's batch size, transform, seed and prefetch."""
+    size = ((int(config.image_size), int(config.image_width)) if config.image_width
+            else int(config.image_size))
     if not train and config.eval_batch_size < 1:
       raise ValueError(f"config.eval_batch_size={config.eval_batch_size}: set it, or resolve the "
                        "config first (train.resolve), which makes it batch_size")
@@ -73,10 +75,10 @@ class ArrayInput:
         source,
         global_batch_size=config.batch_size if train else config.eval_batch_size,
         transform=build_transform(
-            config.data, train=train, task=source.task, image_size=config.image_size,
+            config.data, train=train, task=source.task, image_size=size,
             max_boxes=int(config.detection.max_boxes),
         ),
-        image_size=config.image_size,
+        image_size=size,
         seed=config.seed,
         process_index=process_index,
         process_count=process_count,
@@ -102,7 +104,9 @@ class ArrayInput:
   @property
   def image_shape(self) -> tuple[int, int, int]:
     """(H, W, C) of the training images the transform delivers."""
-    return (self.image_size, self.image_size, int(self.source.channels))
+    size = self.image_size
+    height, width = (size, size) if isinstance(size, int) else size
+    return (height, width, int(self.source.channels))
 
   @property
   def class_counts(self) -> np.ndarray | None:

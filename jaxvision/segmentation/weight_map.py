@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
 
 
 def class_balance_weights(mask: np.ndarray, num_classes: int) -> np.ndarray:
@@ -29,6 +28,8 @@ def nearest_two_distances(cells: np.ndarray, reach: float) -> tuple[np.ndarray, 
   Distances beyond `reach` are reported as inf: each component's distance transform is computed
   only in its bounding box grown by `reach`, which keeps the cost proportional to the cells' area.
   """
+  from scipy import ndimage  # here: its import costs every run ~0.5 s, and only U-Net needs it
+
   labels, _ = ndimage.label(cells)
   d1 = np.full(cells.shape, np.inf, np.float32)
   d2 = np.full(cells.shape, np.inf, np.float32)
