@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import read_metrics, small_config
+from jaxvision.captioning.metrics import caption_metrics
 from jaxvision.data.digits import read_digits
 from jaxvision.data.make_caption_sets import (
   COLOURS,
@@ -25,7 +26,7 @@ from jaxvision.data.make_caption_sets import (
   write_coco_captions,
 )
 from jaxvision.tasks.captioning import METRICS
-from train import loop, viz
+from train import loop, predict, viz
 
 pytestmark = pytest.mark.usefixtures("compile_cache")
 PANEL = 96  # attention_picture's panel side
@@ -98,6 +99,19 @@ def test_recipe_trains_evaluates_and_draws_its_attention(name, make, height, wid
   with Image.open(os.path.join(out, "caption_000.png")) as again:
     # The same checkpoint and image: the same caption, so the same picture.
     assert np.array_equal(np.asarray(again.convert("RGB")), drawn)
+
+  # train.predict on the held-out image files: the captions the evaluation scored.
+  source = json.load(open(os.path.join(data, "annotations", "captions_val.json")))
+  files = [os.path.join(data, "val", im["file_name"]) for im in source["images"]]
+  lines = str(tmp_path / "captions.jsonl")
+  assert predict.main(["--workdir", workdir, "--output", lines, *files]) == 0
+  captions = {r["file"]: r["caption"] for r in map(json.loads, open(lines))}
+  assert sorted(captions) == sorted(files)
+  assert all(c and set(c.split()) <= set(vocab) for c in captions.values()), captions
+  references = [[a["caption"] for a in source["annotations"] if a["image_id"] == im["id"]]
+                for im in source["images"]]
+  again = caption_metrics([captions[f] for f in files], references)
+  assert again == pytest.approx({k: row[k] for k in again}, abs=1e-9)
 
 
 def test_viz_captions_refuses_a_run_of_another_task(tmp_path):

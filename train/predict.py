@@ -10,6 +10,7 @@ Runs a trained run (or a pretrained model) on image files and prints one JSON ob
                   the class map as a PNG (pixel value = class index) in --mask-dir; images
                   larger than the training crops are predicted by overlap-tiles
                   (jaxvision.segmentation.predict_tiled)
+  captioning      {"file", "caption"}: the caption the run's decoding generates
 
 Images are read with PIL and prepared by the data package's own eval transform with the run's
 settings (config.json: image_size, data.normalize, data.eval_crop, channels) or the pretrained
@@ -244,6 +245,27 @@ class SegmentationFormatter(Formatter):
             "width": int(prediction.shape[1]), "fractions": fractions}
 
 
+class CaptioningFormatter(Formatter):
+  """The caption the run's decoding (greedy, beam search or sampling; config.caption) generates
+  for each image, resized to the run's input size as in its evaluation."""
+
+  def __init__(self, predictor: Predictor, args: argparse.Namespace):
+    self.predictor, self.args = predictor, args
+    h, w, _ = predictor.image_shape
+    self.transform = build_transform(predictor.data_config, train=False, task="captioning",
+                                     image_size=h if h == w else (h, w))
+    self._predict = predictor.predict_fn()
+
+  def prepare(self, path: str) -> np.ndarray:
+    """The resized, normalized image of file `path`, [H, W, C] float32."""
+    item = EncodedImage(path, mode=_mode(self.predictor.image_shape[-1]))
+    batch = self.transform({"image": [item], "captions": [("",)]}, np.random.default_rng(0))
+    return batch["image"][0]
+
+  def record(self, path: str, prediction: Any) -> dict:
+    return {"file": path, "caption": self.predictor.task.tokenizer.decode(prediction["tokens"])}
+
+
 def _palette(num_classes: int) -> list[int]:
   """A PNG palette: black and white for two classes, distinct colours beyond."""
   if num_classes <= 2:
@@ -256,12 +278,13 @@ def _palette(num_classes: int) -> list[int]:
   return flat + [0] * (768 - len(flat))
 
 
-# config.task -> the formatter of its predictions. Detection (boxes) and captioning (captions)
-# plug in here with a Formatter subclass each.
+# config.task -> the formatter of its predictions. Detection (boxes) plugs in here with a
+# Formatter subclass.
 FORMATTERS: dict[str, type[Formatter]] = {
     "classification": ClassificationFormatter,
     "multitask": MultiTaskFormatter,
     "segmentation": SegmentationFormatter,
+    "captioning": CaptioningFormatter,
 }
 
 
