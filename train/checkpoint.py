@@ -231,18 +231,23 @@ class CheckpointCorrupted(ValueError):
 def checksums(state) -> dict[str, int]:
   """{leaf name: 32-bit checksum of its bits}; a flipped bit always changes its leaf's value.
 
-  Arrays this process holds whole are summed on the host (numpy, no compile: a short run
-  would otherwise spend a second compiling this reduction); arrays sharded over processes are
-  summed on device, so only the numbers reach the host. Both give the same numbers.
+  On CPU, arrays this process holds whole are summed with numpy (no compile: a short run would
+  otherwise spend a second compiling this reduction). Elsewhere, and for arrays sharded over
+  processes, one small reduction per leaf runs on device, so only the numbers reach the host.
+  Both give the same numbers.
   """
   leaves = jax.tree_util.tree_leaves(state)
   if not leaves:
     return {}
-  if all(getattr(x, "is_fully_addressable", True) for x in leaves):
+  if all(getattr(x, "is_fully_addressable", True)
+         and all(d.platform == "cpu" for d in getattr(x, "devices", lambda: ())())
+         for x in leaves):
     values = [_host_fingerprint(np.asarray(x)) for x in jax.device_get(leaves)]
   else:
-    sharding = leaves[0].sharding
-    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    sharding = getattr(leaves[0], "sharding", None)
+    replicated = None
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
     values = jax.device_get(_fingerprint(replicated)(leaves))
   return dict(zip(_leaf_shapes(state), (int(v) for v in values), strict=True))
 
