@@ -24,6 +24,10 @@
     voc_eval     Pascal VOC AP50 (11-point and all-point): `voc_evaluate`
     draw         detections (and optional ground truth) drawn on an image with PIL:
                  `draw_detections`, `save_detections`
+    roi_align    `roi_align`: bilinear RoIAlign crops of NHWC features at boxes, with static
+                 shapes, equal to torchvision's (the R-CNN heads' input)
+    hungarian    `linear_sum_assignment` on device (the same optimum as scipy's), with padded
+                 rows; `detr_cost` / `detr_match`, DETR's matcher on padded targets
 
 Submodules are imported on first use; coco_eval, voc_eval and draw compute with NumPy only.
 """
@@ -32,8 +36,8 @@ from __future__ import annotations
 
 import importlib
 
-SUBMODULES = ("anchors", "boxes", "coco_eval", "coders", "draw", "losses", "matchers", "nms",
-              "postprocess", "voc_eval")
+SUBMODULES = ("anchors", "boxes", "coco_eval", "coders", "draw", "hungarian", "losses",
+              "matchers", "nms", "postprocess", "roi_align", "voc_eval")
 
 
 def __getattr__(name: str):
