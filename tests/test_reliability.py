@@ -32,8 +32,6 @@ def config_with(**overrides):
   return small_config(**{"total_steps": 30, **overrides})
 
 
-
-
 def _last_row_per_step(workdir):
   return {(r["step"], r["split"]): r for r in metric_rows(workdir)}
 

@@ -135,17 +135,24 @@ class Formatter:
   this and adds a line to FORMATTERS.
   """
 
+  transform_task = "classification"  # whose eval transform prepares the files
+
   def __init__(self, predictor: Predictor, args: argparse.Namespace):
     self.predictor, self.args = predictor, args
-    self.transform = build_transform(predictor.data_config, train=False, task="classification",
-                                     image_size=predictor.image_shape[0])
+    h, w, _ = predictor.image_shape
+    self.transform = build_transform(predictor.data_config, train=False,
+                                     task=self.transform_task,
+                                     image_size=h if h == w else (h, w))
     self._predict = predictor.predict_fn()
+
+  def _targets(self) -> dict:
+    """What the transform reads besides the image, for one file (a placeholder label)."""
+    return {"label": np.zeros(1, np.int32)}
 
   def prepare(self, path: str) -> np.ndarray:
     """The eval-transformed image of file `path`, [H, W, C] float32."""
     item = EncodedImage(path, mode=_mode(self.predictor.image_shape[-1]))
-    batch = self.transform({"image": [item], "label": np.zeros(1, np.int32)},
-                           np.random.default_rng(0))
+    batch = self.transform({"image": [item], **self._targets()}, np.random.default_rng(0))
     return batch["image"][0]
 
   def predict(self, images: list[np.ndarray]) -> list[Any]:
@@ -249,18 +256,10 @@ class CaptioningFormatter(Formatter):
   """The caption the run's decoding (greedy, beam search or sampling; config.caption) generates
   for each image, resized to the run's input size as in its evaluation."""
 
-  def __init__(self, predictor: Predictor, args: argparse.Namespace):
-    self.predictor, self.args = predictor, args
-    h, w, _ = predictor.image_shape
-    self.transform = build_transform(predictor.data_config, train=False, task="captioning",
-                                     image_size=h if h == w else (h, w))
-    self._predict = predictor.predict_fn()
+  transform_task = "captioning"
 
-  def prepare(self, path: str) -> np.ndarray:
-    """The resized, normalized image of file `path`, [H, W, C] float32."""
-    item = EncodedImage(path, mode=_mode(self.predictor.image_shape[-1]))
-    batch = self.transform({"image": [item], "captions": [("",)]}, np.random.default_rng(0))
-    return batch["image"][0]
+  def _targets(self) -> dict:
+    return {"captions": [("",)]}
 
   def record(self, path: str, prediction: Any) -> dict:
     return {"file": path, "caption": self.predictor.task.tokenizer.decode(prediction["tokens"])}

@@ -37,6 +37,7 @@ from jaxvision.data.decode import (
     default_workers,
     parallel_map,
     probe,
+    size_pair,
 )
 from jaxvision.data.files import decode_all
 from jaxvision.data.source import union_skipped
@@ -321,10 +322,10 @@ def captioning_transform(data_config, *, train: bool,
   workers = default_workers(int(data_config.workers))
   norm = Normalize(*normalization(data_config.normalize), workers=workers)
   skip_bad = bool(data_config.skip_bad)
-  shape = (image_size, image_size) if isinstance(image_size, int) else image_size
+  shape = None if image_size is None else size_pair(image_size)
 
   def one(item):
-    if isinstance(item, np.ndarray) and (shape is None or item.shape[:2] == tuple(shape)):
+    if isinstance(item, np.ndarray) and (shape is None or item.shape[:2] == shape):
       return item
     if image_size is None:
       raise ValueError("the captioning transform needs an image_size for images of any size")

@@ -154,6 +154,11 @@ def decode(item: EncodedImage) -> np.ndarray:
 Box = tuple[float, float, float, float]  # (left, top, right, bottom) in pixels
 
 
+def size_pair(size: int | tuple[int, int]) -> tuple[int, int]:
+  """(height, width) of an output size given as a side or as (height, width)."""
+  return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def decode_crop_resize(
     item: EncodedImage | np.ndarray, box_fn: Callable[[int, int], Box],
     size: int | tuple[int, int],
@@ -172,7 +177,7 @@ def decode_crop_resize(
       width, height = im.size
       box = box_fn(width, height)
       if im.format == "JPEG":
-        out_h, out_w = (size, size) if isinstance(size, int) else size
+        out_h, out_w = size_pair(size)
         scale_w = out_w / max(box[2] - box[0], 1)
         scale_h = out_h / max(box[3] - box[1], 1)
         im.draft(item.mode, (int(np.ceil(width * scale_w)), int(np.ceil(height * scale_h))))
@@ -185,7 +190,7 @@ def decode_crop_resize(
 
 def _resize(image: Image.Image, box: Box, size: int | tuple[int, int], channels: int) -> np.ndarray:
   # One PIL call crops and resizes (with antialiasing), without an intermediate copy.
-  height, width = (size, size) if isinstance(size, int) else size
+  height, width = size_pair(size)
   out = np.asarray(image.resize((width, height), Image.BILINEAR, box=box))
   return out[..., None] if channels == 1 and out.ndim == 2 else out
 

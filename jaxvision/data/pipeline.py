@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from jaxvision.data.decode import size_pair
 from jaxvision.data.source import ArraySource
 from jaxvision.data.task_transforms import build_transform
 from jaxvision.data.transforms import Transform
@@ -104,9 +105,7 @@ class ArrayInput:
   @property
   def image_shape(self) -> tuple[int, int, int]:
     """(H, W, C) of the training images the transform delivers."""
-    size = self.image_size
-    height, width = (size, size) if isinstance(size, int) else size
-    return (height, width, int(self.source.channels))
+    return (*size_pair(self.image_size), int(self.source.channels))
 
   @property
   def class_counts(self) -> np.ndarray | None:
