@@ -88,3 +88,22 @@ def test_linear_ramp_closed_form():
   far = crop(features, jnp.asarray([[30.0, 30.0, 40.0, 40.0]]), jnp.asarray([0]), (2, 3),
               sampling_ratio=3, aligned=True)
   np.testing.assert_array_equal(np.asarray(far), 0.0)
+
+
+def test_gradient_reaches_the_features_only():
+  """RoIAlign is linear in the features, so the gradient of <crops, G> applied to any H is
+  <crops of H, G>; the boxes get none, as in torchvision."""
+  rng = np.random.default_rng(1)
+  features = jnp.asarray(rng.standard_normal((2, 9, 11, 3), dtype=np.float32))
+  other = jnp.asarray(rng.standard_normal((2, 9, 11, 3), dtype=np.float32))
+  xy = rng.uniform(-2, 8, (6, 2))
+  boxes = jnp.asarray(np.concatenate([xy, xy + rng.uniform(0.5, 6, (6, 2))], 1), jnp.float32)
+  idx = jnp.asarray([0, 1, 1, 0, 1, 0], jnp.int32)
+  probe = jnp.asarray(rng.standard_normal((6, 4, 5, 3), dtype=np.float32))
+  inner = lambda f, b: jnp.vdot(crop(f, b, idx, (4, 5), spatial_scale=0.8, sampling_ratio=2,
+                                     aligned=False), probe)
+  grad_features, grad_boxes = jax.grad(inner, argnums=(0, 1))(features, boxes)
+  np.testing.assert_allclose(float(jnp.vdot(grad_features, other)), float(inner(other, boxes)),
+                             rtol=1e-5)
+  assert float(jnp.abs(grad_features).sum()) > 0
+  np.testing.assert_array_equal(np.asarray(grad_boxes), 0.0)
