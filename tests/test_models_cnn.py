@@ -54,7 +54,7 @@ PINNED = {
 # in theirs); every other registered variant must be pinned here.
 # Families pinned in their own test files (test_vit, test_unet, test_fcn, test_detection_models,
 # test_segmenter; the vit_gpt2 captioners in test_gpt2).
-PINNED_ELSEWHERE = ("vit", "unet", "fcn", "ssd", "retinanet", "fcos", "segmenter")
+PINNED_ELSEWHERE = ("vit", "unet", "fcn", "ssd", "retinanet", "fcos", "segmenter", "detr")
 
 # One real forward + backward per family: variant, input size, extra kwargs.
 TINY = {

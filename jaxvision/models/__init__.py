@@ -9,6 +9,7 @@
 from jaxvision.models import (  # noqa: F401
     alexnet,
     densenet,
+    detr,
     fcn,
     fcos,
     googlenet,
