@@ -9,13 +9,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from jaxvision.convert import hf_vit_gpt2, timm_vit, torchvision_cnn, torchvision_detection, vit_npz
+from jaxvision.convert import (
+    hf_detr,
+    hf_vit_gpt2,
+    timm_vit,
+    torchvision_cnn,
+    torchvision_detection,
+    vit_npz,
+)
 
 # Registry names of the one-stage detectors (jaxvision.convert.torchvision_detection).
 DETECTION_PREFIXES = ("ssd", "retinanet", "fcos")
 
 
 def _backend(name: str):
+  if name.startswith("detr"):
+    return hf_detr
   if name.startswith("vit_gpt2"):
     return hf_vit_gpt2
   if name.startswith("vit"):
@@ -47,15 +56,21 @@ def from_vit_npz(name_or_model, npz, **model_kwargs) -> dict:
   return vit_npz.from_vit_npz(name_or_model, npz, **model_kwargs)
 
 
+def _hf_backend(name: str):
+  return hf_detr if name.startswith("detr") else hf_vit_gpt2
+
+
 def from_hf(name: str, state_dict: dict[str, Any], **kwargs) -> dict:
-  """A Hugging Face ViT + GPT-2 VisionEncoderDecoderModel state dict -> Flax variables of
-  captioner `name` (jaxvision.convert.hf_vit_gpt2)."""
-  return hf_vit_gpt2.from_hf(name, state_dict, **kwargs)
+  """A Hugging Face state dict -> Flax variables of `name`: a ViT + GPT-2
+  VisionEncoderDecoderModel for the captioners (jaxvision.convert.hf_vit_gpt2), a
+  DetrForObjectDetection for detr* (jaxvision.convert.hf_detr)."""
+  return _hf_backend(name).from_hf(name, state_dict, **kwargs)
 
 
 def to_hf(name: str, variables: dict, **kwargs) -> dict:
-  """Flax variables of captioner `name` -> a Hugging Face state dict of numpy arrays."""
-  return hf_vit_gpt2.to_hf(name, variables, **kwargs)
+  """Flax variables of `name` (a captioner or detr*) -> a Hugging Face state dict of numpy
+  arrays."""
+  return _hf_backend(name).to_hf(name, variables, **kwargs)
 
 
 __all__ = ["from_hf", "from_torch", "from_vit_npz", "to_hf", "to_torch"]
