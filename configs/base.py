@@ -68,6 +68,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # listed is an error. Empty: mask values are class indices (below num_classes when it is set,
   # else exactly 0..K-1 over the data), or 0/255 for binary masks (2 classes).
   c.data.mask_values = ()
+  # Detection (coco:): also read each annotation's instance mask (its segmentation) and give the
+  # batch `masks` uint8 [B, max_boxes, image_size, image_size]; off, box-only runs carry none.
+  c.data.masks = False
 
   # --- Schedule of the run -------------------------------------------------------------------
   c.total_steps = 1000  # optimizer steps (ignored when num_epochs > 0)

@@ -24,6 +24,12 @@ The `data.augment` names for task 'detection' (each at most once; the order is f
 
 Every image is then resized with its aspect ratio kept to fit size x size and padded (right
 and bottom) with the mean colour: the eval transform does only that.
+
+Instance masks (`render_masks`) take the image's path exactly: the same window of the same
+view, resized by the same PIL bilinear filter from 0/255 planes and thresholded at 128, then the
+same flip. A mask pixel is then on exactly where the resampled image is at least half object,
+so masks and pixels agree along every edge; nearest-neighbour sampling would instead shift
+edges by up to half a source pixel and, when shrinking, drop thin parts at random.
 """
 
 from __future__ import annotations
@@ -169,23 +175,49 @@ def iou_crop_frame(frame, boxes: np.ndarray, rng: np.random.Generator, *, min_sc
   return frame, None
 
 
+def _window(h: int, w: int, view: View, size: int):
+  """(output window (x0, y0, x1, y1) an h x w image occupies under the snapped `view`, its
+  preimage box in image pixels), or None when nothing of the image is visible."""
+  x0, x1 = max(0, int(view.ox)), min(size, int(round(view.ox + view.sx * w)))
+  y0, y1 = max(0, int(view.oy)), min(size, int(round(view.oy + view.sy * h)))
+  if x1 <= x0 or y1 <= y0:
+    return None
+  # The window's preimage: inside the image up to rounding, which the clip removes.
+  box = (min(max((x0 - view.ox) / view.sx, 0.0), w), min(max((y0 - view.oy) / view.sy, 0.0), h),
+         min(max((x1 - view.ox) / view.sx, 0.0), w), min(max((y1 - view.oy) / view.sy, 0.0), h))
+  return (x0, y0, x1, y1), box
+
+
 def render(image: np.ndarray, view: View, size: int, fill) -> tuple[np.ndarray, tuple]:
   """(size x size x C uint8 output of `image` [H, W, C] under the snapped `view` (sx > 0),
   the output window (x0, y0, x1, y1) the image occupies); the rest is `fill` (C values)."""
   h, w, c = image.shape
   out = np.empty((size, size, c), np.uint8)
   out[...] = np.broadcast_to(np.asarray(fill, np.uint8), (c,))
-  x0, x1 = max(0, int(view.ox)), min(size, int(round(view.ox + view.sx * w)))
-  y0, y1 = max(0, int(view.oy)), min(size, int(round(view.oy + view.sy * h)))
-  if x1 <= x0 or y1 <= y0:
+  window = _window(h, w, view, size)
+  if window is None:
     return out, (0, 0, 0, 0)
-  # The window's preimage: inside the image up to rounding, which the clip removes.
-  box = (min(max((x0 - view.ox) / view.sx, 0.0), w), min(max((y0 - view.oy) / view.sy, 0.0), h),
-         min(max((x1 - view.ox) / view.sx, 0.0), w), min(max((y1 - view.oy) / view.sy, 0.0), h))
+  (x0, y0, x1, y1), box = window
   pil = Image.fromarray(image[..., 0] if c == 1 else image)
   patch = np.asarray(pil.resize((x1 - x0, y1 - y0), Image.BILINEAR, box=box))
   out[y0:y1, x0:x1] = patch.reshape(y1 - y0, x1 - x0, c)
   return out, (x0, y0, x1, y1)
+
+
+def render_masks(masks: np.ndarray, view: View, size: int) -> np.ndarray:
+  """uint8 [n, size, size] 0/1: instance masks [n, H, W] (0/1) under the snapped `view`, as
+  `render` moves the image (module docstring); 0 outside the image's window."""
+  n, h, w = masks.shape
+  out = np.zeros((n, size, size), np.uint8)
+  window = _window(h, w, view, size)
+  if window is None or not n:
+    return out
+  (x0, y0, x1, y1), box = window
+  for k in range(n):
+    plane = Image.fromarray((masks[k] != 0).astype(np.uint8) * 255)
+    patch = np.asarray(plane.resize((x1 - x0, y1 - y0), Image.BILINEAR, box=box))
+    out[k, y0:y1, x0:x1] = patch >= 128
+  return out
 
 
 # --- Colour --------------------------------------------------------------------------------

@@ -5,6 +5,10 @@ file (or encoded bytes, or the decoded pixels when the split fits data.cache_mb)
 size and its annotations in original-image pixels. `get_batch` returns per-example lists; the
 detection transform (jaxvision.data.detection_transform) turns them into the padded batch.
 
+With data.masks (`masks_wanted`), a reader that has instance masks (coco:) also keeps per image
+an object whose `decode()` gives its masks, uint8 [n_i, H, W] aligned with the boxes; they are
+decoded batch by batch, never cached (pixels of every mask would not fit).
+
 Annotation problems are collected by the readers with `Problems`: without data.skip_bad the
 first one stops the run with a one-line ValueError naming the file and the annotation; with it,
 the bad annotation (or image) is left out and counted in `skipped`.
@@ -54,6 +58,8 @@ class DetectionSource:
     ids: [N] int64 stable example ids (unique over concatenated splits).
     names: [N] file names, for error messages.
     skipped: annotations or images left out (data.skip_bad), one line each.
+    masks: [N] per image its instance masks (`decode()` -> uint8 [n_i, H, W] in original pixels,
+      one per box), or None when the reader was not asked for them (data.masks).
   """
 
   images: list
@@ -70,6 +76,7 @@ class DetectionSource:
   ids: np.ndarray | None = None
   names: list[str] | None = None
   skipped: list[str] = dataclasses.field(default_factory=list)
+  masks: list | None = None
 
   def __post_init__(self):
     n = len(self.images)
@@ -81,7 +88,8 @@ class DetectionSource:
       self.names = [getattr(x, "name", f"image {i}") for i, x in enumerate(self.images)]
     if not self.category_ids:
       self.category_ids = tuple(range(self.num_classes))
-    for field in ("boxes", "classes", "ignore", "areas", "sizes", "ids", "image_ids", "names"):
+    fields = ["boxes", "classes", "ignore", "areas", "sizes", "ids", "image_ids", "names"]
+    for field in fields + (["masks"] if self.masks is not None else []):
       if len(getattr(self, field)) != n:
         raise ValueError(f"DetectionSource: {n} images but {len(getattr(self, field))} {field}")
     for i in range(n):
@@ -122,7 +130,7 @@ class DetectionSource:
   def get_batch(self, indices: np.ndarray) -> dict:
     """The examples at `indices` as per-example lists (images, boxes, ...) and arrays."""
     idx = [int(i) for i in indices]
-    return {
+    out = {
         "image": [self.images[i] for i in idx],
         "boxes": [self.boxes[i] for i in idx],
         "classes": [self.classes[i] for i in idx],
@@ -132,6 +140,9 @@ class DetectionSource:
         "id": self.ids[idx] if idx else np.zeros(0, np.int64),
         "name": [self.names[i] for i in idx],
     }
+    if self.masks is not None:
+      out["masks"] = [self.masks[i] for i in idx]
+    return out
 
   def take(self, indices: np.ndarray, id_offset: int = 0) -> DetectionSource:
     """The examples at `indices`, with ids shifted by `id_offset`."""
@@ -141,7 +152,8 @@ class DetectionSource:
         self, images=pick(self.images), boxes=pick(self.boxes), classes=pick(self.classes),
         ignore=pick(self.ignore), areas=pick(self.areas),
         sizes=self.sizes[idx].reshape(-1, 2), image_ids=self.image_ids[idx],
-        ids=self.ids[idx] + id_offset, names=pick(self.names), skipped=list(self.skipped))
+        ids=self.ids[idx] + id_offset, names=pick(self.names), skipped=list(self.skipped),
+        masks=None if self.masks is None else pick(self.masks))
 
   @staticmethod
   def concat(parts: list[DetectionSource]) -> DetectionSource:
@@ -149,13 +161,22 @@ class DetectionSource:
     if len(parts) == 1:
       return parts[0]
     join = lambda field: [x for p in parts for x in getattr(p, field)]  # noqa: E731
+    with_masks = [p.masks is not None for p in parts]
+    if any(with_masks) and not all(with_masks):
+      raise ValueError("DetectionSource.concat: some parts have instance masks, others not")
     return dataclasses.replace(
         parts[0], images=join("images"), boxes=join("boxes"), classes=join("classes"),
         ignore=join("ignore"), areas=join("areas"),
         sizes=np.concatenate([p.sizes for p in parts]),
         image_ids=np.concatenate([p.image_ids for p in parts]),
         ids=np.concatenate([p.ids for p in parts]), names=join("names"),
-        skipped=union_skipped(parts))
+        skipped=union_skipped(parts), masks=join("masks") if all(with_masks) else None)
+
+
+def masks_wanted(data_config) -> bool:
+  """data.masks: whether the readers keep instance masks and the transform makes `masks`."""
+  # A config saved before the key existed reads as box-only.
+  return bool(data_config.get("masks", False))
 
 
 class Problems:

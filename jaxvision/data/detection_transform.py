@@ -15,10 +15,13 @@ batch contract of task 'detection' (host NumPy):
     offset     float32 [B, 2]        ((x, y); scale_x < 0 after a flip)
     box_area   float32 [B, M]        only with include_area: the annotations' own areas
                                      (COCO's segment areas) in original pixels
+    masks      uint8 [B, M, S, S]    only with data.masks: each box's instance mask (0/1) in
+                                     pixels of the transformed image, 0 for padding boxes
 
 M is max_boxes: an image with more boxes keeps its first M (a warning, once). Evaluation keeps
 every box; training drops boxes a crop emptied (and, after iou_crop, those whose centers it cut
-off). See jaxvision.data.box_augment for the ops.
+off). See jaxvision.data.box_augment for the ops; masks follow the image through the same
+resize, letterbox, crop and flip (bilinear, then thresholded at one half: render_masks says why).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 from jaxvision.data import box_augment as ops_lib
 from jaxvision.data.augment import parse_augment
 from jaxvision.data.decode import EncodedImage, decode, default_workers, parallel_map
+from jaxvision.data.detection_source import masks_wanted
 from jaxvision.data.transforms import Normalize, normalization
 
 log = logging.getLogger(__name__)
@@ -68,13 +72,15 @@ def detection_transform(data_config, *, train: bool, image_size: int,
   mean_u8 = np.clip(np.round(np.asarray(norm.mean) * 255), 0, 255).astype(np.uint8)
   skip_bad = bool(data_config.skip_bad)
   size = int(image_size)
+  with_masks = masks_wanted(data_config)
   state = {"reported": False}
 
-  def one(item, boxes, classes, ignore, areas, orig_size, rng):
+  def one(item, boxes, classes, ignore, areas, orig_size, rng, masks):
     image, bad = _decoded(item, 1 if getattr(item, "mode", "RGB") == "L" else 3, skip_bad, size)
     if bad is not None:
       boxes = boxes[:0]
       classes, ignore, areas = classes[:0], ignore[:0], areas[:0]
+      masks = None if masks is None else np.zeros((0,) + image.shape[:2], np.uint8)
     elif tuple(image.shape[:2]) != tuple(int(v) for v in orig_size):
       # Boxes are in the annotation's pixels: a file of another size would misplace them all.
       raise ValueError(f"image {getattr(item, 'name', '')} is {image.shape[1]}x{image.shape[0]} "
@@ -96,25 +102,48 @@ def detection_transform(data_config, *, train: bool, image_size: int,
     out, (x0, y0, x1, y1) = ops_lib.render(image, view, size, np.resize(mean_u8, c))
     if "photometric" in ops:
       out[y0:y1, x0:x1] = ops_lib.photometric(out[y0:y1, x0:x1], rng)
+    if masks is not None:
+      masks = ops_lib.render_masks(masks[keep], view, size)
     if "flip" in ops and rng.random() < 0.5:
       out = out[:, ::-1]
+      masks = None if masks is None else masks[:, :, ::-1]
       view = view.flipped(size)
     mapped = np.clip(view.boxes(boxes.reshape(-1, 4)), 0, size)
+    kept = keep
     if train:  # boxes a crop emptied are no longer objects of this image
-      keep &= (mapped[:, 2] > mapped[:, 0]) & (mapped[:, 3] > mapped[:, 1])
-    return (np.ascontiguousarray(out), mapped[keep], classes[keep], ignore[keep], areas[keep],
-            (view.sx, view.sy), (view.ox, view.oy))
+      kept = keep & (mapped[:, 2] > mapped[:, 0]) & (mapped[:, 3] > mapped[:, 1])
+    if masks is not None:
+      masks = masks[kept[keep]]
+    return (np.ascontiguousarray(out), mapped[kept], classes[kept], ignore[kept], areas[kept],
+            (view.sx, view.sy), (view.ox, view.oy), masks)
+
+  def instance_masks(batch, i, num_boxes):
+    if not with_masks:
+      return None
+    if "masks" not in batch:
+      raise ValueError("data.masks=True, but this dataset has no instance masks (the coco: "
+                       "reader has them, from each annotation's segmentation)")
+    item = batch["masks"][i]
+    masks = item.decode() if hasattr(item, "decode") else np.asarray(item, np.uint8)
+    h, w = (int(v) for v in batch["orig_size"][i])
+    if masks.shape != (num_boxes, h, w):
+      name = batch["name"][i] if "name" in batch else f"example {i}"
+      raise ValueError(f"{name}: instance masks {masks.shape} for {num_boxes} boxes of a "
+                       f"{w}x{h} image (expected {(num_boxes, h, w)})")
+    return masks
 
   def transform(batch, rng):
     b = len(batch["id"])
     example_rngs = rng.spawn(b)
-    results = parallel_map(
-        lambda i: one(batch["image"][i], np.asarray(batch["boxes"][i], np.float32),
-                      np.asarray(batch["classes"][i], np.int32),
-                      np.asarray(batch["ignore"][i], bool),
-                      np.asarray(batch["area"][i], np.float32), batch["orig_size"][i],
-                      example_rngs[i]),
-        range(b), workers)
+
+    def example(i):
+      boxes = np.asarray(batch["boxes"][i], np.float32)
+      return one(batch["image"][i], boxes, np.asarray(batch["classes"][i], np.int32),
+                 np.asarray(batch["ignore"][i], bool), np.asarray(batch["area"][i], np.float32),
+                 batch["orig_size"][i], example_rngs[i],
+                 instance_masks(batch, i, len(boxes.reshape(-1, 4))))
+
+    results = parallel_map(example, range(b), workers)
     channels = {r[0].shape[-1] for r in results}
     if len(channels) > 1:
       raise ValueError(f"images of one batch have {sorted(channels)} channels "
@@ -132,7 +161,9 @@ def detection_transform(data_config, *, train: bool, image_size: int,
     }
     if include_area:
       out["box_area"] = np.zeros((b, max_boxes), np.float32)
-    for i, (_, boxes, classes, ignore, areas, _, _) in enumerate(results):
+    if with_masks:
+      out["masks"] = np.zeros((b, max_boxes, size, size), np.uint8)
+    for i, (_, boxes, classes, ignore, areas, _, _, masks) in enumerate(results):
       n = len(boxes)
       if n > max_boxes and not state["reported"]:
         state["reported"] = True
@@ -147,6 +178,8 @@ def detection_transform(data_config, *, train: bool, image_size: int,
       out["box_ignore"][i, :n] = ignore[:n]
       if include_area:
         out["box_area"][i, :n] = areas[:n]
+      if with_masks:
+        out["masks"][i, :n] = masks[:n]
     return out
 
   return transform

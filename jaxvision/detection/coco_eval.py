@@ -18,6 +18,16 @@ detection prefers a regular box to an ignored one (crowd, or outside the area ra
 highest IoU, and on ties the later box; unmatched detections outside the area range ignored;
 101-point interpolated precision. A metric with nothing to average is -1, as pycocotools
 reports it.
+
+Mask AP (iouType 'segm') is the same matching and accumulation on other IoUs: pass `iou`, a
+dict {image_id: float [n_dt, n_gt]} of each image's IoU matrix, rows in the order that image's
+detections appear in `detections`, columns in the order its ground truth appears in
+`ground_truth` (an image with no detection or no ground truth needs no entry), and the masks'
+pixel areas as detections['area'] and ground_truth['area'] (COCO's 'area' is the mask's; the
+detection's area decides whether an unmatched detection is outside an area range). Boxes are
+then not needed. `ious_from_padded` builds the dict from per-example [D, M] matrices (e.g.
+jaxvision.detection.masks' counts divided in float64); compute them in double precision, as
+pycocotools does, since ratios such as 3/5 meet the thresholds exactly.
 """
 
 from __future__ import annotations
@@ -117,26 +127,75 @@ def _runs(keys: np.ndarray) -> np.ndarray:
   return np.concatenate([[0], np.nonzero(change)[0] + 1, [len(keys)]])
 
 
-def coco_accumulate(detections: dict, ground_truth: dict, *,
+def _boxes(table: dict, n: int, where: str, needed: bool) -> np.ndarray:
+  if "box" not in table and not needed:
+    return np.zeros((n, 4))
+  boxes = _xywh(_column(table, "box", None, np.float64, where=where))
+  if len(boxes) != n:
+    raise ValueError(f"coco_evaluate: {where} has {len(boxes)} boxes for {n} rows")
+  return boxes
+
+
+def _areas(table: dict, boxes: np.ndarray, n: int, where: str, needed: bool) -> np.ndarray:
+  if "area" in table:
+    return _column(table, "area", n, np.float64, where=where)
+  if needed:
+    raise ValueError(f"coco_evaluate: {where} needs 'area' (the masks' pixel areas) with iou=")
+  return boxes[:, 2] * boxes[:, 3]
+
+
+def _local_index(image_ids: np.ndarray) -> np.ndarray:
+  """Position of each row among the rows of its image, in table order."""
+  order = np.argsort(image_ids, kind="stable")
+  starts = _runs(image_ids[order][:, None])
+  local = np.empty(len(image_ids), np.int64)
+  local[order] = np.arange(len(order)) - np.repeat(starts[:-1], np.diff(starts))
+  return local
+
+
+def _check_ious(iou: dict, dt_img: np.ndarray, gt_img: np.ndarray) -> dict:
+  """{image id: float64 [n_dt, n_gt]} checked against the tables' rows per image."""
+  dt_count = dict(zip(*np.unique(dt_img, return_counts=True), strict=True))
+  gt_count = dict(zip(*np.unique(gt_img, return_counts=True), strict=True))
+  out = {}
+  for image in set(dt_count) & set(gt_count):
+    if image not in iou:
+      raise ValueError(f"coco_evaluate: iou has no matrix for image {image} "
+                       f"({dt_count[image]} detections, {gt_count[image]} ground truth)")
+  for image, matrix in iou.items():
+    matrix = np.asarray(matrix, np.float64)
+    expected = (dt_count.get(image, 0), gt_count.get(image, 0))
+    if matrix.shape != expected:
+      raise ValueError(f"coco_evaluate: iou[{image}] is {matrix.shape}, but image {image} has "
+                       f"{expected[0]} detections and {expected[1]} ground truth")
+    out[int(image)] = matrix
+  return out
+
+
+def coco_accumulate(detections: dict, ground_truth: dict, *, iou: dict | None = None,
                     max_detections=MAX_DETECTIONS, area_ranges=AREA_RANGES):
   """COCOeval's evaluate + accumulate: (precision [T, R, K, A, M], recall [T, K, A, M],
-  category ids [K]) with -1 where a category has no regular box."""
+  category ids [K]) with -1 where a category has no regular box; `iou` gives the IoU matrices
+  per image (mask AP; see the module docstring) instead of box IoUs."""
   n_dt = len(np.asarray(detections.get("score", [])))
   n_gt = len(np.asarray(ground_truth.get("category_id", [])))
   dt_img = _column(detections, "image_id", n_dt, np.int64, where="detections")
   dt_cat = _column(detections, "category_id", n_dt, np.int64, where="detections")
   dt_score = _column(detections, "score", n_dt, np.float64, where="detections")
-  dt_box = _xywh(_column(detections, "box", None, np.float64, where="detections"))
   gt_img = _column(ground_truth, "image_id", n_gt, np.int64, where="ground_truth")
   gt_cat = _column(ground_truth, "category_id", n_gt, np.int64, where="ground_truth")
-  gt_box = _xywh(_column(ground_truth, "box", None, np.float64, where="ground_truth"))
-  if len(dt_box) != n_dt or len(gt_box) != n_gt:
-    raise ValueError(f"coco_evaluate: {len(dt_box)} detection boxes for {n_dt} scores, "
-                     f"{len(gt_box)} ground-truth boxes for {n_gt} categories")
+  given = iou is not None
+  dt_box = _boxes(detections, n_dt, "detections", needed=not given)
+  gt_box = _boxes(ground_truth, n_gt, "ground_truth", needed=not given)
   gt_crowd = _column(ground_truth, "iscrowd", n_gt, bool, default=False, where="ground_truth")
-  gt_area = (_column(ground_truth, "area", n_gt, np.float64, where="ground_truth")
-             if "area" in ground_truth else gt_box[:, 2] * gt_box[:, 3])
-  dt_area = dt_box[:, 2] * dt_box[:, 3]  # pycocotools' loadRes: w * h of the result's bbox
+  gt_area = _areas(ground_truth, gt_box, n_gt, "ground_truth", needed=given)
+  # pycocotools' loadRes: w * h of the result's bbox, or the area of its segmentation.
+  dt_area = _areas(detections, dt_box, n_dt, "detections", needed=given)
+  if given:
+    iou = _check_ious(iou, dt_img, gt_img)
+    pair_iou = _pair_iou(iou, dt_img, gt_img)
+  else:
+    pair_iou = _box_iou(dt_box, gt_box, gt_crowd)
   ranges = np.asarray(list(area_ranges.values()), np.float64)  # [A, 2]
   max_detections = tuple(sorted(max_detections))
   cats = np.unique(gt_cat)
@@ -170,7 +229,7 @@ def coco_accumulate(detections: dict, ground_truth: dict, *,
     g = gt_of.get((dt_cat[dt_idx[s]], dt_img[dt_idx[s]]))
     if e > s and g is not None:
       groups.append((np.arange(s, e), g))
-  _match_groups(groups, dt_idx, dt_box, gt_box, gt_crowd, gt_ignore, matched, to_ignored)
+  _match_groups(groups, dt_idx, pair_iou, gt_crowd, gt_ignore, matched, to_ignored)
   ignored = to_ignored | (~matched & dt_outside[dt_idx][:, :, None])
 
   regular = np.zeros((num_k, num_a), np.int64)
@@ -192,7 +251,27 @@ def coco_accumulate(detections: dict, ground_truth: dict, *,
   return precision, recall, cats
 
 
-def _match_groups(groups, dt_idx, dt_box, gt_box, gt_crowd, gt_ignore, matched, to_ignored):
+def _box_iou(dt_box, gt_box, gt_crowd):
+  """`fn(dt indices [S, D], gt indices [S, G], crowd [S, G]) -> [S, D, G]` box IoUs."""
+  return lambda d, g, crowd: _iou_xywh(dt_box[d], gt_box[g], crowd)
+
+
+def _pair_iou(iou: dict, dt_img, gt_img):
+  """The same function over given per-image matrices: the entry of each (detection, box)."""
+  dt_local, gt_local = _local_index(dt_img), _local_index(gt_img)
+
+  def pairs(d, g, crowd):
+    del crowd
+    out = np.zeros(d.shape + g.shape[-1:])
+    for s in range(len(d)):
+      matrix = iou[int(dt_img[d[s, 0]])]
+      out[s] = matrix[np.ix_(dt_local[d[s]], gt_local[g[s]])]
+    return out
+
+  return pairs
+
+
+def _match_groups(groups, dt_idx, pair_iou, gt_crowd, gt_ignore, matched, to_ignored):
   """Runs `_match` over the (image, category) groups in chunks of similar sizes (so padding
   stays small), writing into matched / to_ignored rows."""
   groups = sorted(groups, key=lambda x: (len(x[0]), len(x[1])))
@@ -202,18 +281,20 @@ def _match_groups(groups, dt_idx, dt_box, gt_box, gt_crowd, gt_ignore, matched, 
     num_d = max(len(r) for r, _ in part)
     num_g = max(len(g) for _, g in part)
     num_a = gt_ignore.shape[1]
-    dts = np.zeros((len(part), num_d, 4))
-    gts = np.zeros((len(part), num_g, 4))
+    # Padding repeats a group's first detection / box and is masked out below.
+    dts = np.zeros((len(part), num_d), np.int64)
+    gts = np.zeros((len(part), num_g), np.int64)
     real = np.zeros((len(part), num_d, num_g), bool)
     crowd = np.zeros((len(part), num_g), bool)
     ignore = np.ones((len(part), num_a, num_g), bool)
     for i, (r, g) in enumerate(part):
-      dts[i, :len(r)], gts[i, :len(g)] = dt_box[dt_idx[r]], gt_box[g]
+      dts[i], gts[i] = dt_idx[r[0]], g[0]
+      dts[i, :len(r)], gts[i, :len(g)] = dt_idx[r], g
       real[i, :len(r), :len(g)] = True
       crowd[i, :len(g)] = gt_crowd[g]
       ignore[i, :, :len(g)] = gt_ignore[g].T
     # Padding gets IoU -1: below every threshold, so it never matches.
-    iou = np.where(real, _iou_xywh(dts, gts, crowd), -1.0)
+    iou = np.where(real, pair_iou(dts, gts, crowd), -1.0)
     hit, to_ig = _match(iou, crowd, ignore, IOU_THRESHOLDS)
     for i, (r, _) in enumerate(part):
       matched[r] = hit[i, :len(r)]
@@ -258,16 +339,19 @@ def summarize(precision, recall, *, max_detections=MAX_DETECTIONS,
   return out
 
 
-def coco_evaluate(detections: dict, ground_truth: dict) -> dict[str, float]:
+def coco_evaluate(detections: dict, ground_truth: dict, *, iou: dict | None = None
+                  ) -> dict[str, float]:
   """AP, AP50, AP75, AP small/medium/large, AR1/10/100, AR small/medium/large (see METRICS)
-  of per-box `detections` against per-box `ground_truth` (see the module docstring)."""
-  precision, recall, _ = coco_accumulate(detections, ground_truth)
+  of per-box `detections` against per-box `ground_truth`, on box IoUs or on the given per-image
+  `iou` matrices (mask AP; see the module docstring)."""
+  precision, recall, _ = coco_accumulate(detections, ground_truth, iou=iou)
   return summarize(precision, recall)
 
 
-def per_category_ap(detections: dict, ground_truth: dict) -> dict[int, float]:
+def per_category_ap(detections: dict, ground_truth: dict, *, iou: dict | None = None
+                    ) -> dict[int, float]:
   """AP (IoU 0.50:0.95, all areas, 100 detections) of each ground-truth category id."""
-  precision, _, cats = coco_accumulate(detections, ground_truth)
+  precision, _, cats = coco_accumulate(detections, ground_truth, iou=iou)
   out = {}
   for k, cat in enumerate(cats):
     s = precision[:, :, k, 0, -1]
@@ -276,23 +360,29 @@ def per_category_ap(detections: dict, ground_truth: dict) -> dict[int, float]:
   return out
 
 
-def from_padded(image_id, det_boxes, det_scores, det_classes, det_valid, gt_boxes, gt_classes,
-                gt_valid, *, gt_ignore=None, gt_area=None, example_valid=None,
-                category_ids=None) -> tuple[dict, dict]:
-  """(detections, ground_truth) per-box tables from the detection task's padded arrays.
-
-  image_id [N]; det_* [N, D(, 4)] with det_valid; gt_* [N, M(, 4)] with gt_valid, gt_ignore
-  (crowd / difficult: evaluated as COCO's iscrowd) and gt_area; example_valid [N] drops the
-  padding examples of the last eval batch. Boxes are xyxy in original-image pixels. Class k
-  is reported as category_ids[k] (default: k itself).
-  """
+def _valid_examples(image_id, example_valid, where: str):
   image_id = np.asarray(image_id).reshape(-1)
   n = len(image_id)
   keep = np.ones(n, bool) if example_valid is None else np.asarray(example_valid, bool)
   if keep.shape != (n,):
-    raise ValueError(f"from_padded: example_valid {keep.shape} for {n} image ids")
+    raise ValueError(f"{where}: example_valid {keep.shape} for {n} image ids")
   if len(np.unique(image_id[keep])) != keep.sum():
-    raise ValueError("from_padded: image ids repeat among the valid examples")
+    raise ValueError(f"{where}: image ids repeat among the valid examples")
+  return image_id, keep
+
+
+def from_padded(image_id, det_boxes, det_scores, det_classes, det_valid, gt_boxes, gt_classes,
+                gt_valid, *, gt_ignore=None, gt_area=None, det_area=None, example_valid=None,
+                category_ids=None) -> tuple[dict, dict]:
+  """(detections, ground_truth) per-box tables from the detection task's padded arrays.
+
+  image_id [N]; det_* [N, D(, 4)] with det_valid and det_area (mask AP: the masks' pixel
+  areas); gt_* [N, M(, 4)] with gt_valid, gt_ignore (crowd / difficult: evaluated as COCO's
+  iscrowd) and gt_area; example_valid [N] drops the padding examples of the last eval batch.
+  Boxes are xyxy in original-image pixels. Class k is reported as category_ids[k] (default: k
+  itself). Each image's rows keep the order of its valid slots, as `ious_from_padded`'s do.
+  """
+  image_id, keep = _valid_examples(image_id, example_valid, "from_padded")
   mapping = None if category_ids is None else np.asarray(category_ids, np.int64)
 
   def rows(boxes, classes, valid, extra):
@@ -314,6 +404,23 @@ def from_padded(image_id, det_boxes, det_scores, det_classes, det_valid, gt_boxe
         table[key] = np.asarray(value)[valid]
     return table
 
-  dets = rows(det_boxes, det_classes, det_valid, {"score": det_scores})
+  dets = rows(det_boxes, det_classes, det_valid, {"score": det_scores, "area": det_area})
   gts = rows(gt_boxes, gt_classes, gt_valid, {"iscrowd": gt_ignore, "area": gt_area})
   return dets, gts
+
+
+def ious_from_padded(image_id, ious, det_valid, gt_valid, *, example_valid=None
+                     ) -> dict[int, np.ndarray]:
+  """The `iou=` dict of coco_evaluate from per-example matrices ious [N, D, M] (detection slot x
+  ground-truth slot of each example), keeping the valid rows [N, D] and columns [N, M] in slot
+  order: aligned with the tables `from_padded` builds from the same arrays."""
+  image_id, keep = _valid_examples(image_id, example_valid, "ious_from_padded")
+  ious = np.asarray(ious, np.float64)
+  det_valid, gt_valid = np.asarray(det_valid, bool), np.asarray(gt_valid, bool)
+  n = len(image_id)
+  if ious.ndim != 3 or det_valid.shape != ious.shape[:2] or gt_valid.shape != (
+      n, ious.shape[2]) or len(ious) != n:
+    raise ValueError(f"ious_from_padded: ious {ious.shape}, det_valid {det_valid.shape} and "
+                     f"gt_valid {gt_valid.shape} must be [N, D, M], [N, D], [N, M] for N={n}")
+  return {int(image_id[i]): ious[i][np.ix_(det_valid[i], gt_valid[i])]
+          for i in np.nonzero(keep)[0]}

@@ -2,10 +2,12 @@
 
     picture = draw_detections(image, boxes, scores, classes, class_names=names,
                               gt_boxes=gt, gt_classes=gt_cls)
-    save_detections('pred.png', image, boxes, scores, classes, class_names=names)
+    save_detections('pred.png', image, boxes, scores, classes, class_names=names, masks=m)
 
 Predictions are drawn in a colour per class; ground truth, when given, as white outlines edged
-in black, underneath, so the two can be told apart.
+in black, underneath, so the two can be told apart. Instance masks (bool [D, H, W], one per
+detection) are translucent fills in their detection's class colour, laid on the image before
+any outline so every box and label stays readable on top.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 GT_COLOR = (255, 255, 255)
+MASK_ALPHA = 0.45  # opacity of a mask's fill: the image stays visible underneath
 
 
 def class_color(index: int) -> tuple[int, int, int]:
@@ -56,13 +59,13 @@ def _label(class_names, cls: int) -> str:
 def draw_detections(
     image: np.ndarray, boxes, scores=None, classes=None, *, valid=None,
     class_names: Sequence[str] | None = None, score_threshold: float = 0.0,
-    gt_boxes=None, gt_classes=None, gt_valid=None, width: int = 2,
+    gt_boxes=None, gt_classes=None, gt_valid=None, width: int = 2, masks=None,
+    mask_alpha: float = MASK_ALPHA,
 ) -> np.ndarray:
   """[H, W, 3] uint8: `image` with the detections (xyxy pixels of this image) drawn, each
-  labelled with its class name and score; ground truth optional, in white."""
-  canvas = Image.fromarray(to_rgb_uint8(image))
-  draw = ImageDraw.Draw(canvas)
-  font = ImageFont.load_default()
+  labelled with its class name and score, and filled with its instance mask (`masks`, bool
+  [D, H, W]) when given; ground truth optional, in white."""
+  rgb = to_rgb_uint8(image)
   boxes = _ordered(boxes)
   n = len(boxes)
   scores = np.ones(n) if scores is None else np.asarray(scores, np.float64).reshape(-1)
@@ -71,6 +74,14 @@ def draw_detections(
   if not len(scores) == len(classes) == len(valid) == n:
     raise ValueError(f"draw: {n} boxes but {len(scores)} scores, {len(classes)} classes, "
                      f"{len(valid)} valid flags")
+  # Lowest score first, so the best detections end up on top.
+  shown = sorted(np.nonzero(valid & (scores >= score_threshold))[0], key=lambda j: scores[j])
+  if masks is not None:
+    rgb = _fill_masks(rgb, masks, [(i, class_color(int(classes[i]))) for i in shown], n,
+                      mask_alpha)
+  canvas = Image.fromarray(rgb)
+  draw = ImageDraw.Draw(canvas)
+  font = ImageFont.load_default()
   if gt_boxes is not None:
     gt_boxes = _ordered(gt_boxes)
     gt_valid = (np.ones(len(gt_boxes), bool) if gt_valid is None
@@ -83,8 +94,7 @@ def draw_detections(
       if gt_classes is not None:
         draw.text((x1 + 2, y2 - 12), _label(class_names, int(gt_classes[i])), fill=GT_COLOR,
                   font=font)
-  # Lowest score first, so the best detections end up on top.
-  for i in sorted(np.nonzero(valid & (scores >= score_threshold))[0], key=lambda j: scores[j]):
+  for i in shown:
     x1, y1, x2, y2 = boxes[i]
     color = class_color(int(classes[i]))
     draw.rectangle([x1, y1, x2, y2], outline=color, width=width)
@@ -94,6 +104,20 @@ def draw_detections(
     draw.rectangle([x1, y, x1 + (right - left) + 3, y + (bottom - top) + 2], fill=color)
     draw.text((x1 + 1, y), text, fill=(0, 0, 0), font=font)
   return np.asarray(canvas)
+
+
+def _fill_masks(rgb: np.ndarray, masks, fills, n: int, alpha: float) -> np.ndarray:
+  """`rgb` with masks [n, H, W] blended in, (index, colour) of `fills` in order."""
+  masks = np.asarray(masks).astype(bool)
+  if masks.shape != (n,) + rgb.shape[:2]:
+    raise ValueError(f"draw: masks {masks.shape} must be [{n}, {rgb.shape[0]}, {rgb.shape[1]}] "
+                     f"for {n} boxes on a {rgb.shape[1]}x{rgb.shape[0]} image")
+  if not 0 <= alpha <= 1:
+    raise ValueError(f"draw: mask_alpha={alpha} must be in [0, 1]")
+  out = rgb.astype(np.float32)
+  for i, color in fills:
+    out[masks[i]] = (1 - alpha) * out[masks[i]] + alpha * np.asarray(color, np.float32)
+  return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
 def save_detections(path: str, image: np.ndarray, boxes, scores=None, classes=None,
