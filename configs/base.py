@@ -138,19 +138,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seg.tta = ""
   c.seg.overlays = 5  # eval examples saved as overlay PNGs in the workdir at the end (0: none)
 
-  # --- Detection (task='detection': ssd*, retinanet*, fcos* models on coco: / voc: / yolo: data) --
+  # --- Detection (task='detection': ssd*, retinanet*, fcos*, fasterrcnn*, maskrcnn*, detr*
+  # models on coco: / voc: / yolo: data) ----------------------------------------------------------
   c.detection = ml_collections.ConfigDict()
-  c.detection.loss = "auto"  # 'auto' (the model's family) | 'ssd' | 'retinanet' | 'fcos'
+  # 'auto' (the model's family) | 'ssd' | 'retinanet' | 'fcos' | 'rcnn' | 'detr'
+  c.detection.loss = "auto"
   c.detection.max_boxes = 100  # ground-truth boxes per image in a batch (padded, box_valid)
-  # Post-processing; values <= 0 take the family's torchvision defaults (score threshold
-  # ssd .01 / retinanet .05 / fcos .2, NMS IoU .45 / .5 / .6, detections 200 / 300 / 100,
-  # candidates per level or class before NMS 400 / 1000 / 1000).
+  # One-stage post-processing; values <= 0 take the family's torchvision defaults (score
+  # threshold ssd .01 / retinanet .05 / fcos .2, NMS IoU .45 / .5 / .6, detections 200 / 300 /
+  # 100, candidates per level or class before NMS 400 / 1000 / 1000). The R-CNNs post-process in
+  # the model (model_kwargs.box_score_thresh, ...); DETR keeps max_detections (<= 0: every query).
   c.detection.score_threshold = 0.0
   c.detection.nms_iou = 0.0
   c.detection.max_detections = 0
   c.detection.pre_nms_top_k = 0
   c.detection.box_loss = "l1"  # RetinaNet's box term: l1 (torchvision) | smooth_l1 | giou
   c.detection.pictures = 5  # eval examples drawn with their detections at the end (0: none)
+  # DETR's set loss: the cross-entropy weight of the "no object" class (the paper's eos_coef) and
+  # the auxiliary losses of every decoder layer.
+  c.detection.no_object_weight = 0.1
+  c.detection.aux_loss = True
 
   # --- Captioning (task='captioning': vit_gpt2* models on coco_captions: / flickr: data) ------
   c.caption = ml_collections.ConfigDict()
