@@ -15,11 +15,14 @@ from jaxvision.convert import (
     timm_vit,
     torchvision_cnn,
     torchvision_detection,
+    torchvision_rcnn,
     vit_npz,
 )
 
 # Registry names of the one-stage detectors (jaxvision.convert.torchvision_detection).
 DETECTION_PREFIXES = ("ssd", "retinanet", "fcos")
+# Registry names of the two-stage detectors (jaxvision.convert.torchvision_rcnn).
+RCNN_PREFIXES = ("fasterrcnn", "maskrcnn")
 
 
 def _backend(name: str):
@@ -29,6 +32,8 @@ def _backend(name: str):
     return hf_vit_gpt2
   if name.startswith("vit"):
     return timm_vit
+  if name.startswith(RCNN_PREFIXES):
+    return torchvision_rcnn
   if name.startswith(DETECTION_PREFIXES):
     return torchvision_detection
   return torchvision_cnn

@@ -17,6 +17,7 @@ from jaxvision.models import (  # noqa: F401
     lenet,
     multitask,
     nin,
+    rcnn,
     resnet,
     retinanet,
     segmenter,

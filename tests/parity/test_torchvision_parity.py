@@ -16,10 +16,12 @@ from jaxvision.convert import to_torch
 from jaxvision.convert.torchvision_cnn import state_dict_layout
 from jaxvision.models import create_model
 
-# The detection goldens (torchvision_det_*) have their own test: test_torchvision_detection_parity.
+# The detection goldens (torchvision_det_*, torchvision_rcnn_*) have their own tests:
+# test_torchvision_detection_parity, test_torchvision_rcnn_parity.
 GOLDEN_FILES = sorted(
     p for p in gen.GOLDENS.glob(gen.PREFIX + "*.npz")
-    if p.name != gen.LAYOUTS_FILE and not p.name.startswith("torchvision_det_"))
+    if p.name != gen.LAYOUTS_FILE
+    and not p.name.startswith(("torchvision_det_", "torchvision_rcnn_")))
 CASE_OF = {p: p.stem.removeprefix(gen.PREFIX) for p in GOLDEN_FILES}
 LAYOUTS = gen.GOLDENS / gen.LAYOUTS_FILE
 # One case per family runs by default; the others add block types already covered there.
