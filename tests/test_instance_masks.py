@@ -305,3 +305,22 @@ def test_make_cell_instances_on_a_generated_label(tmp_path):
   np.testing.assert_array_equal(source.images[0][..., 0], labels[2] // 2 + 60)
   with pytest.raises(ValueError, match="train_slices=3: .* has 3 labelled slices"):
     make_cell_instances(str(tmp_path / "isbi"), str(out), train_slices=3)
+
+
+def test_make_cell_instances_cuts_tiles_with_their_own_regions(tmp_path):
+  labels = [generated_label(s) for s in (0, 2, -3)]
+  write_isbi(tmp_path / "isbi", labels)
+  out = tmp_path / "tiles"
+  counts = make_cell_instances(str(tmp_path / "isbi"), str(out), train_slices=2, tile=16)
+  # 48 x 64 slices: 3 x 4 tiles each, whose instances are the regions of the tile's own label.
+  want = [len(cell_regions(labels[2][r * 16:(r + 1) * 16, c * 16:(c + 1) * 16]))
+          for r in range(3) for c in range(4)]
+  assert counts["val"] == want and len(counts["train"]) == 24
+  assert sorted(os.listdir(out / "val"))[:2] == ["2_0_0.png", "2_0_1.png"]
+  source = load_source(f"coco:{out}", "val", data_config=data_config(masks=True))
+  k = sorted(os.listdir(out / "val")).index("2_1_2.png")
+  tile = labels[2][16:32, 32:48]
+  np.testing.assert_array_equal(source.images[k][..., 0], tile // 2 + 60)
+  np.testing.assert_array_equal(source.masks[k].decode(), cell_regions(tile))
+  with pytest.raises(ValueError, match="--tile 20 must divide the slices' size 64x48"):
+    make_cell_instances(str(tmp_path / "isbi"), str(out), train_slices=2, tile=20)

@@ -13,7 +13,13 @@ its `area` and `bbox` from the mask ([x, y, w, h] of its pixels, as pycocotools'
 configs/unet_membrane.py. The result is read by the `coco:` reader (data.masks=True):
 
     OUT/annotations/instances_{train,val}.json
-    OUT/{train,val}/N.png       the slices, copied
+    OUT/{train,val}/N.png       the slices, copied (N_R_C.png: tile R, C with --tile)
+
+`--tile 256` cuts every slice into non-overlapping 256 x 256 tiles, each an image of its own
+whose instances are the regions of its own part of the label (a cell the tile edge cuts is a
+partial instance, as one the section edge cuts). A whole slice holds about 110 cells, more than
+COCO's 100 detections per image that AP and AR count (maxDets), so whole-slice AP could not
+reach 1; a 256-pixel tile holds about 30.
 """
 
 from __future__ import annotations
@@ -77,9 +83,20 @@ def labelled_slices(isbi_dir: str) -> list[str]:
   return sorted(stems, key=int)
 
 
+def tiles(height: int, width: int, tile: int) -> list[tuple[str, tuple[slice, slice]]]:
+  """('', whole image) without tiling, else ('_R_C', window) for every tile x tile window."""
+  if not tile:
+    return [("", (slice(0, height), slice(0, width)))]
+  if tile < 0 or height % tile or width % tile:
+    raise ValueError(f"--tile {tile} must divide the slices' size {width}x{height}")
+  return [(f"_{r}_{c}", (slice(r * tile, (r + 1) * tile), slice(c * tile, (c + 1) * tile)))
+          for r in range(height // tile) for c in range(width // tile)]
+
+
 def make_cell_instances(isbi_dir: str, out_dir: str, *, min_area: int = MIN_AREA,
-                        train_slices: int = TRAIN_SLICES) -> dict[str, list[int]]:
-  """Writes the COCO set (module docstring); returns {split: instances per slice}."""
+                        train_slices: int = TRAIN_SLICES, tile: int = 0
+                        ) -> dict[str, list[int]]:
+  """Writes the COCO set (module docstring); returns {split: instances per image}."""
   stems = labelled_slices(isbi_dir)
   if not 0 < train_slices < len(stems):
     raise ValueError(f"train_slices={train_slices}: {isbi_dir} has {len(stems)} labelled slices")
@@ -87,28 +104,35 @@ def make_cell_instances(isbi_dir: str, out_dir: str, *, min_area: int = MIN_AREA
   counts = {}
   for split, names in splits.items():
     os.makedirs(os.path.join(out_dir, split), exist_ok=True)
-    images, anns, per_slice = [], [], []
-    for image_id, stem in enumerate(names, start=1):
+    images, anns, per_image = [], [], []
+    for stem in names:
       image_path = os.path.join(isbi_dir, "train", "image", stem + ".png")
       label_path = os.path.join(isbi_dir, "train", "label", stem + ".png")
       label = np.asarray(Image.open(label_path))
       with Image.open(image_path) as im:
         width, height = im.size
+        pixels = np.asarray(im)
       if label.shape != (height, width):
         raise ValueError(f"{label_path} is {label.shape[::-1]} but its image is "
                          f"{(width, height)}")
-      regions = cell_regions(label, min_area)
-      anns += instance_annotations(regions, image_id, len(anns) + 1)
-      per_slice.append(len(regions))
-      shutil.copyfile(image_path, os.path.join(out_dir, split, stem + ".png"))
-      images.append({"id": image_id, "file_name": stem + ".png", "width": width,
-                     "height": height})
+      for suffix, window in tiles(height, width, tile):
+        image_id = len(images) + 1
+        regions = cell_regions(label[window], min_area)
+        anns += instance_annotations(regions, image_id, len(anns) + 1)
+        per_image.append(len(regions))
+        file_name = stem + suffix + ".png"
+        if suffix:
+          Image.fromarray(pixels[window]).save(os.path.join(out_dir, split, file_name))
+        else:
+          shutil.copyfile(image_path, os.path.join(out_dir, split, file_name))
+        h, w = label[window].shape
+        images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
     data = {"images": images, "annotations": anns,
             "categories": [{"id": 1, "name": "cell"}]}
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
     with open(os.path.join(out_dir, "annotations", f"instances_{split}.json"), "w") as f:
       json.dump(data, f)
-    counts[split] = per_slice
+    counts[split] = per_image
   return counts
 
 
@@ -120,15 +144,17 @@ def main(argv=None) -> None:
   parser.add_argument("--min_area", type=int, default=MIN_AREA, help="smallest region, pixels")
   parser.add_argument("--train_slices", type=int, default=TRAIN_SLICES,
                       help="the first slices that are the train split")
+  parser.add_argument("--tile", type=int, default=0,
+                      help="cut each slice into tile x tile images (0: whole slices)")
   args = parser.parse_args(argv)
   try:
     counts = make_cell_instances(args.isbi, args.out, min_area=args.min_area,
-                                 train_slices=args.train_slices)
+                                 train_slices=args.train_slices, tile=args.tile)
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"make_cell_instances: {e}") from None
-  for split, per_slice in counts.items():
-    print(f"{split}: {len(per_slice)} slices, {sum(per_slice)} instances "
-          f"({np.mean(per_slice):.1f} per slice, {min(per_slice)}..{max(per_slice)})")
+  for split, per_image in counts.items():
+    print(f"{split}: {len(per_image)} images, {sum(per_image)} instances "
+          f"({np.mean(per_image):.1f} per image, {min(per_image)}..{max(per_image)})")
   print(f"wrote {args.out}")
 
 
