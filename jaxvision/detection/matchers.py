@@ -5,7 +5,8 @@ matches (pass `box_valid & ~box_ignore` to keep crowd / difficult boxes out of t
 Every matcher returns `matches` [N] int32: the index of the matched ground-truth row, or
 BELOW_LOW_THRESHOLD (-1, background) or BETWEEN_THRESHOLDS (-2, ignored by the loss).
 
-    iou_matcher      torchvision `Matcher` (RetinaNet: 0.5 / 0.4 with low-quality matches)
+    iou_matcher      torchvision `Matcher` (RetinaNet: 0.5 / 0.4 with low-quality matches);
+                     `quality_matcher` is the same rule on a given IoU matrix
     ssd_matcher      torchvision `SSDMatcher` (0.5, and every box's best anchor forced)
     fcos_matcher     torchvision FCOS: center sampling, points inside the box, scale ranges
 """
@@ -28,13 +29,22 @@ def _masked_iou(gt_boxes, gt_valid, anchors):
 
 def iou_matcher(gt_boxes, gt_valid, anchors, high_threshold: float, low_threshold: float,
                 allow_low_quality_matches: bool = False):
-  """torchvision's Matcher: each anchor takes its highest-IoU box; IoU < low -> -1, in
-  [low, high) -> -2. With low-quality matches, every anchor that is some box's best anchor
-  (ties included) keeps its highest-IoU box even below the thresholds."""
+  """torchvision's Matcher on the IoU of padded boxes [M, 4] with anchors [N, 4] (see
+  `quality_matcher`)."""
+  return quality_matcher(_masked_iou(gt_boxes, gt_valid, anchors), gt_valid, high_threshold,
+                         low_threshold, allow_low_quality_matches)
+
+
+def quality_matcher(quality, gt_valid, high_threshold: float, low_threshold: float,
+                    allow_low_quality_matches: bool = False):
+  """torchvision's Matcher on a match-quality matrix [M, N] (IoU): each anchor takes its
+  highest-quality box; quality < low -> -1, in [low, high) -> -2. With low-quality matches,
+  every anchor that is some box's best anchor (ties included) keeps its highest-quality box
+  even below the thresholds. Rows with `gt_valid` False never match."""
   if low_threshold > high_threshold:
     raise ValueError(f"iou_matcher: low_threshold {low_threshold} > high_threshold "
                      f"{high_threshold}")
-  iou = _masked_iou(gt_boxes, gt_valid, anchors)
+  iou = jnp.where(gt_valid[:, None], quality, -1.0)
   best = jnp.max(iou, axis=0)
   all_matches = jnp.argmax(iou, axis=0).astype(jnp.int32)
   matches = jnp.where(best < low_threshold, BELOW_LOW_THRESHOLD,
