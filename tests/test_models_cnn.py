@@ -53,8 +53,9 @@ PINNED = {
 # The names that start with these are pinned in other files (ViT in the ViT tests, U-Net and FCN
 # in theirs); every other registered variant must be pinned here.
 # Families pinned in their own test files (test_vit, test_unet, test_fcn, test_detection_models,
-# test_segmenter; the vit_gpt2 captioners in test_gpt2).
-PINNED_ELSEWHERE = ("vit", "unet", "fcn", "ssd", "retinanet", "fcos", "segmenter", "detr")
+# test_segmenter, test_rcnn_models; the vit_gpt2 captioners in test_gpt2).
+PINNED_ELSEWHERE = ("vit", "unet", "fcn", "ssd", "retinanet", "fcos", "segmenter", "detr",
+                    "fasterrcnn", "maskrcnn")
 
 # One real forward + backward per family: variant, input size, extra kwargs.
 TINY = {
