@@ -297,3 +297,9 @@ def test_bad_inputs_name_the_culprit():
     _abstract(create_model("fasterrcnn_tiny", num_classes=1), (1, 64, 64, 3))
   with pytest.raises(ValueError, match="image_hw"):
     create_model("fasterrcnn_tiny").rpn_anchors((1, 2, 3))
+  model = create_model("fasterrcnn_tiny")
+  variables = _abstract(model, (1, 64, 64, 3))[1]
+  maps = [jnp.zeros((1, 64 // s, 64 // s, 32)) for s in (4, 8, 16, 32)]
+  with pytest.raises(ValueError, match="image_hw must be static"):
+    jax.eval_shape(lambda v, hw: model.apply(v, maps, jnp.zeros((1, 2, 4)), hw,
+                                             method="box_head"), variables, jnp.asarray([64, 64]))

@@ -25,7 +25,10 @@
     draw         detections (and optional ground truth) drawn on an image with PIL:
                  `draw_detections`, `save_detections`
     roi_align    `roi_align`: bilinear RoIAlign crops of NHWC features at boxes, with static
-                 shapes, equal to torchvision's (the R-CNN heads' input)
+                 shapes, equal to torchvision's; `multiscale_roi_align` (MultiScaleRoIAlign,
+                 the R-CNN heads' input)
+    rpn          Faster / Mask R-CNN inference: `propose` (the RPN's filter_proposals) and
+                 `two_stage_detections` (RoIHeads.postprocess_detections), static shapes
     hungarian    `linear_sum_assignment` on device (the same optimum as scipy's), with padded
                  rows; `detr_cost` / `detr_match`, DETR's matcher on padded targets
 
@@ -37,7 +40,7 @@ from __future__ import annotations
 import importlib
 
 SUBMODULES = ("anchors", "boxes", "coco_eval", "coders", "draw", "hungarian", "losses",
-              "matchers", "nms", "postprocess", "roi_align", "voc_eval")
+              "matchers", "nms", "postprocess", "roi_align", "rpn", "voc_eval")
 
 
 def __getattr__(name: str):

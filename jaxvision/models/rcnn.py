@@ -174,6 +174,9 @@ class MaskHead(nn.Module):
 def _static_hw(image_hw) -> tuple[int, int]:
   """(H, W) as Python ints: the RoI heads infer their pyramid scales from it, as torchvision
   does from the largest image of the batch."""
+  if any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(image_hw)):
+    raise ValueError("image_hw must be static (the input's (H, W)): the RoI heads infer the "
+                     "pyramid scales from it")
   hw = np.asarray(image_hw)
   if hw.ndim == 2:
     hw = hw.max(axis=0)
