@@ -24,7 +24,7 @@ holds one matching loop, not one per layer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,12 +65,12 @@ def _check_outputs(name: str, outputs, aux: bool) -> tuple[int, int, int]:
   return logits.shape
 
 
-def _layer_losses(logits, boxes, targets, gt_classes, gt_valid, num_boxes, weights):
+def _layer_losses(logits, boxes, targets, gt_classes, gt_valid, num_boxes, weights, matcher):
   """The four parts of one decoder layer's predictions (logits [B, Q, K + 1], boxes [B, Q, 4])."""
   class_weight, bbox_weight, giou_weight, eos_coef = weights
   b, q, columns = logits.shape
   no_object = columns - 1
-  match = detr_match(logits, boxes, gt_classes, targets, gt_valid, class_weight=class_weight,
+  match = matcher(logits, boxes, gt_classes, targets, gt_valid, class_weight=class_weight,
                      l1_weight=bbox_weight, giou_weight=giou_weight)  # [B, G]
   matched = gt_valid & (match >= 0)
   # Each query's class target: its matched object's class, else no-object; the padded and
@@ -96,10 +96,14 @@ def _layer_losses(logits, boxes, targets, gt_classes, gt_valid, num_boxes, weigh
 
 def detr_loss(outputs: dict, gt_boxes: jax.Array, gt_classes: jax.Array, gt_valid: jax.Array,
               image_hw: Sequence[int], *, eos_coef: float = 0.1, class_weight: float = 1.0,
-              bbox_weight: float = 5.0, giou_weight: float = 2.0,
-              aux: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+              bbox_weight: float = 5.0, giou_weight: float = 2.0, aux: bool = True,
+              matcher: Callable[..., jax.Array] = detr_match,
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """DETR's set loss (total, parts) of a DETR model's outputs against padded ground truth:
-  gt_boxes [B, M, 4] xyxy in input pixels, gt_classes [B, M] in 0..K-1, gt_valid [B, M]."""
+  gt_boxes [B, M, 4] xyxy in input pixels, gt_classes [B, M] in 0..K-1, gt_valid [B, M].
+
+  `matcher` has `hungarian.detr_match`'s signature (and is vmapped over the decoder layers);
+  it is there to compare other assignment solvers, e.g. a host one, on the same loss."""
   b, q, _ = _check_outputs("detr_loss", outputs, aux)
   m = gt_boxes.shape[1] if gt_boxes.ndim == 3 else -1
   if gt_boxes.shape != (b, m, 4) or gt_classes.shape != (b, m) or gt_valid.shape != (b, m):
@@ -121,7 +125,7 @@ def detr_loss(outputs: dict, gt_boxes: jax.Array, gt_classes: jax.Array, gt_vali
     boxes = jnp.concatenate([outputs["aux_pred_boxes"], boxes])
   weights = (class_weight, bbox_weight, giou_weight, eos_coef)
   per_layer = jax.vmap(lambda lg, bx: _layer_losses(lg, bx, targets, gt_classes, gt_valid,
-                                                    num_boxes, weights))(logits, boxes)
+                                                    num_boxes, weights, matcher))(logits, boxes)
   ce, l1, giou, _ = per_layer
   total = jnp.sum(class_weight * ce + bbox_weight * l1 + giou_weight * giou)
   layers = logits.shape[0]
