@@ -10,7 +10,8 @@
                  the generic `grid_anchors`, and `feature_shapes` of an input size; each returns
                  an `AnchorSet` (boxes [N, 4], level_sizes, strides, per_location)
     matchers     per image, padded ground truth with a valid mask: `iou_matcher` (RetinaNet),
-                 `ssd_matcher`, `fcos_matcher`; `matched_targets`
+                 `quality_matcher` (the same on an IoU matrix), `ssd_matcher`, `fcos_matcher`;
+                 `matched_targets`
     losses       `sigmoid_focal_loss`, `smooth_l1_loss`, `l1_loss`, `giou_loss`,
                  `softmax_cross_entropy`, `hard_negatives`, `centerness_targets`, and the
                  complete `ssd_loss`, `retinanet_loss`, `fcos_loss` (torchvision's compute_loss)
@@ -29,6 +30,11 @@
                  the R-CNN heads' input)
     rpn          Faster / Mask R-CNN inference: `propose` (the RPN's filter_proposals) and
                  `two_stage_detections` (RoIHeads.postprocess_detections), static shapes
+    rcnn_targets Faster / Mask R-CNN training targets with static shapes: `match`,
+                 `sample_balanced` (top-k random sampling), `rpn_targets`, `sample_rois`,
+                 `mask_targets`
+    rcnn_losses  torchvision's `rpn_loss`, `fastrcnn_loss`, `maskrcnn_loss` on those samples
+    rcnn_train   `rcnn_train_forward` (model.apply(..., method=...)) and `rcnn_loss`
     hungarian    `linear_sum_assignment` on device (the same optimum as scipy's), with padded
                  rows; `detr_cost` / `detr_match`, DETR's matcher on padded targets
 
@@ -40,7 +46,8 @@ from __future__ import annotations
 import importlib
 
 SUBMODULES = ("anchors", "boxes", "coco_eval", "coders", "draw", "hungarian", "losses",
-              "matchers", "nms", "postprocess", "roi_align", "rpn", "voc_eval")
+              "matchers", "nms", "postprocess", "rcnn_losses", "rcnn_targets", "rcnn_train",
+              "roi_align", "rpn", "voc_eval")
 
 
 def __getattr__(name: str):
