@@ -217,7 +217,11 @@ def test_tiny_heads_backward(tiny_mask_rcnn):
   assert all(not np.asarray(g).any() for g in map_grads[1:])
 
 
+@pytest.mark.slow
 def test_multiscale_roi_align_crops_each_box_from_its_level():
+  """Each box's crop is roi_align's on the level LevelMapper picks (P2-P5 all used); the
+  default suite checks the same against torchvision's MultiScaleRoIAlign (parity, maskrcnn_tiny
+  RoIs of every level)."""
   rng = np.random.default_rng(2)
   hw = (256, 320)
   maps = [rng.standard_normal((2, -(-hw[0] // s), -(-hw[1] // s), 3)).astype(np.float32)
