@@ -375,3 +375,30 @@ def test_train_step_of_the_heads_jits_once_has_finite_grads_and_learns():
 @pytest.mark.slow
 def test_train_step_jits_once_has_finite_grads_and_learns():
   _check_train_step(None)
+
+
+@pytest.mark.slow
+def test_full_size_train_forward_shapes():
+  # torchvision's COCO sizes: 2000 proposals, 512 sampled RoIs, masks on the first 128 slots.
+  from jaxvision.models import create_model
+
+  model = create_model("maskrcnn_resnet50_fpn")
+  b, m, size = 2, 5, 512
+  images = jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, method=_init_every_stage),
+                             images)
+  spec = jax.ShapeDtypeStruct
+  gt = (spec((b, m, 4), jnp.float32), spec((b, m), jnp.int32), spec((b, m), jnp.bool_),
+        spec((b, m, size, size), jnp.uint8))
+  outputs, _ = jax.eval_shape(
+      lambda v, x, *g: model.apply(v, x, *g, train=True, rngs={"dropout": jax.random.key(0)},
+                                   mutable=["batch_stats"], method=rcnn_train_forward),
+      variables, images, *gt)
+  anchors = len(model.rpn_anchors((size, size)).boxes)
+  assert outputs["rpn_objectness"].shape == (b, anchors)
+  assert outputs["proposals"].shape == (b, 2000, 4)
+  assert outputs["rois"].shape == (b, 512, 4)
+  assert outputs["class_logits"].shape == (b, 512, 91)
+  assert outputs["box_regression"].shape == (b, 512, 91 * 4)
+  assert outputs["mask_logits"].shape == (b, 128, 28, 28, 91)
+  assert outputs["mask_targets"].shape == (b, 128, 28, 28)

@@ -28,7 +28,9 @@ from jaxvision.detection.roi_align import roi_align
 RPN_WEIGHTS = RETINANET_WEIGHTS  # torchvision's RPN BoxCoder (1, 1, 1, 1)
 ROI_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # torchvision's RoIHeads BoxCoder
 # roi_align needs a fixed number of samples per bin; torchvision's project_masks_on_boxes uses
-# the adaptive ceil(roi_size / 28). tests/test_rcnn_training.py measures the difference.
+# the adaptive ceil(roi_size / 28). With 2 (the heads' own ratio) the targets differ only along
+# mask edges: on RoIs of 16-128 px, at most 0.17 and 0.0019 on average per target pixel, and
+# the mask loss by 3e-4 (tests/test_rcnn_training.py; 4 gives 0.09 / 0.0005 for 4x the gathers).
 MASK_SAMPLING_RATIO = 2
 
 
