@@ -11,7 +11,7 @@ them to the host, solves every image of every decoder layer with scipy, and copi
 assignment back (what DETR and transformers do every step). A `loss` row times the set loss
 and its gradient alone on fixed outputs, where the matching is most of the work. The two
 variants must give the same loss; compile time is `lower(...).compile()`, the step time the
-median of `--windows` windows of `--steps` steps.
+median of `--windows` windows of `--steps` steps, the two variants' windows alternating.
 
 Output: one JSON object per measurement: RESULT_KEYS (shared/DESIGN.md; `framework` is
 'jax-device-matching' or 'jax-host-matching', `mode` 'train' or 'loss'), then a last line with
@@ -80,35 +80,21 @@ def synthetic_batch(batch: int, size: int, max_boxes: int, num_classes: int, see
   return images, np.where(valid[..., None], boxes, 0).astype(np.float32), classes, valid
 
 
-def _time(fn, args, steps: int, windows: int) -> float:
-  """Median seconds per call over `windows` windows of `steps` calls (after one warm-up)."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(windows):
-    start = time.perf_counter()
-    for _ in range(steps):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - start) / steps)
-  return float(np.median(times))
+def _window(fn, args, steps: int) -> float:
+  """Seconds per call over one window of `steps` calls."""
+  start = time.perf_counter()
+  for _ in range(steps):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / steps
 
 
-def bench(args: argparse.Namespace) -> list[dict]:
-  """The train and loss rows of both matchers."""
-  model = create_model(args.model, num_classes=args.num_classes)
-  images, boxes, classes, valid = synthetic_batch(args.batch_size, args.image_size,
-                                                  args.max_boxes, args.num_classes)
-  hw = (args.image_size, args.image_size)
-  variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), images[:1])
-  params, frozen = variables["params"], variables["batch_stats"]
-  optimizer = optax.adam(1e-4)
-  opt_state = jax.jit(optimizer.init)(params)
-  outputs = jax.jit(model.apply)(variables, images)
-  device = device_label(jax.devices()[0].device_kind)
-  rows, losses = [], {}
+def _steps(model, images, boxes, classes, valid, frozen, optimizer):
+  """The train step and the loss step of each matcher (plain functions, not yet jitted)."""
+  hw = images.shape[1:3]
+  steps = {}
   for name in MATCHERS:
-    matcher = host_match if name == "host" else None
-    kw = {"matcher": matcher} if matcher else {}
+    kw = {"matcher": host_match} if name == "host" else {}
 
     def train_step(params, opt_state, step, kw=kw):
       def loss_fn(p):
@@ -124,23 +110,48 @@ def bench(args: argparse.Namespace) -> list[dict]:
       return jax.value_and_grad(lambda o: detr_loss(o, boxes, classes, valid, hw, **kw)[0])(
           outputs)
 
-    for mode, fn, fn_args in (("train", train_step, (params, opt_state, 0)),
-                              ("loss", loss_step, (outputs,))):
-      start = time.perf_counter()
-      compiled = jax.jit(fn).lower(*fn_args).compile()
-      compile_s = time.perf_counter() - start
-      step_s = _time(compiled, fn_args, args.steps, args.windows)
-      value = compiled(*fn_args)
-      losses[(mode, name)] = float(value[-1] if mode == "train" else value[0])
-      rows.append(result_row(model=args.model, framework=f"jax-{name}-matching", mode=mode,
-                         batch_size=args.batch_size, dtype="float32",
-                         images_per_sec=args.batch_size / step_s, step_ms=1e3 * step_s,
-                         mfu=None, compile_s=compile_s, peak_mem_gb=None, device=device))
-      print(json.dumps(rows[-1]), flush=True)
+    steps[("train", name)], steps[("loss", name)] = train_step, loss_step
+  return steps
+
+
+def bench(args: argparse.Namespace) -> list[dict]:
+  """The train and loss rows of both matchers; their timed windows alternate, so load from
+  other processes hits both alike."""
+  model = create_model(args.model, num_classes=args.num_classes)
+  images, boxes, classes, valid = synthetic_batch(args.batch_size, args.image_size,
+                                                  args.max_boxes, args.num_classes)
+  variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), images[:1])
+  params, frozen = variables["params"], variables["batch_stats"]
+  optimizer = optax.adam(1e-4)
+  opt_state = jax.jit(optimizer.init)(params)
+  outputs = jax.jit(model.apply)(variables, images)
+  device = device_label(jax.devices()[0].device_kind)
+  inputs = {"train": (params, opt_state, 0), "loss": (outputs,)}
+  rows = []
+  steps = _steps(model, images, boxes, classes, valid, frozen, optimizer)
   for mode in ("train", "loss"):
-    a, b = losses[(mode, "device")], losses[(mode, "host")]
+    compiled, compile_s, losses = {}, {}, {}
+    for name in MATCHERS:
+      start = time.perf_counter()
+      compiled[name] = jax.jit(steps[(mode, name)]).lower(*inputs[mode]).compile()
+      compile_s[name] = time.perf_counter() - start
+      value = jax.block_until_ready(compiled[name](*inputs[mode]))  # also the warm-up
+      losses[name] = float(value[-1] if mode == "train" else value[0])
+    a, b = losses["device"], losses["host"]
     if abs(a - b) > 1e-4 * max(1.0, abs(a)):
       raise RuntimeError(f"{mode}: device matching gives loss {a}, host matching {b}")
+    times = {name: [] for name in MATCHERS}
+    for _ in range(args.windows):
+      for name in MATCHERS:
+        times[name].append(_window(compiled[name], inputs[mode], args.steps))
+    for name in MATCHERS:
+      step_s = float(np.median(times[name]))
+      rows.append(result_row(model=args.model, framework=f"jax-{name}-matching", mode=mode,
+                             batch_size=args.batch_size, dtype="float32",
+                             images_per_sec=args.batch_size / step_s, step_ms=1e3 * step_s,
+                             mfu=None, compile_s=compile_s[name], peak_mem_gb=None,
+                             device=device))
+      print(json.dumps(rows[-1]), flush=True)
   return rows
 
 
