@@ -31,11 +31,11 @@ Presets ('fcos' is the default):
 
 from configs import base
 
-PRESETS = ("fcos", "retinanet", "ssd")
+PRESETS = ("fcos", "retinanet", "ssd", "detr")
 
 
 def get_config(arg: str | None = None):
-  """`arg` picks the detector: 'fcos' (default), 'retinanet' or 'ssd'."""
+  """`arg` picks the detector: 'fcos' (default), 'retinanet', 'ssd' or 'detr'."""
   preset = arg or "fcos"
   if preset not in PRESETS:
     raise ValueError(f"detect_digits preset {preset!r}; choose from {PRESETS}")
@@ -60,8 +60,9 @@ def get_config(arg: str | None = None):
   c.log_every = 250
   c.eval_every = 1500
   c.checkpoint_every = 1500
-  c.detection.score_threshold = 0.05
   widths = (16, 32, 64, 128)
+  if preset != "detr":  # DETR keeps every query's detection, without a threshold or NMS
+    c.detection.score_threshold = 0.05
   if preset == "fcos":
     c.model = "fcos_tiny"
     c.model_kwargs.widths = widths
@@ -78,6 +79,26 @@ def get_config(arg: str | None = None):
     c.model_kwargs.fpn_features = 64
     c.model_kwargs.anchor_sizes = (12, 24, 48, 96, 192)
     c.model_kwargs.aspect_ratios = (1.0, 1.6, 2.6)
+  elif preset == "detr":
+    c.model = "detr_tiny"
+    # Three ResNet stages: a stride-16 map, 8 x 8 tokens of a 128-px canvas (stride 32 would
+    # leave 4 x 4 tokens for up to six digits).
+    c.model_kwargs.layers = (2, 2, 2)
+    c.model_kwargs.widths = (32, 64, 128)
+    c.model_kwargs.d_model = 128
+    c.model_kwargs.num_heads = 4
+    c.model_kwargs.ffn_dim = 256
+    c.model_kwargs.encoder_layers = 3
+    c.model_kwargs.decoder_layers = 3
+    c.model_kwargs.num_queries = 12
+    c.model_kwargs.dropout = 0.0
+    c.optimizer = "adamw"
+    c.learning_rate = 5e-4
+    c.weight_decay = 1e-4
+    c.grad_clip_norm = 0.1  # DETR's
+    c.total_steps = 2000
+    c.eval_every = 1000
+    c.checkpoint_every = 1000
   else:
     c.model = "ssd_tiny"
     c.model_kwargs.widths = (16, 32, 64, 64, 64)

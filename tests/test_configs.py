@@ -104,6 +104,23 @@ def digit_canvases(root: pathlib.Path) -> str:
   return f"coco:{root}"
 
 
+def cell_instances(root: pathlib.Path) -> str:
+  """Three 64x64 ISBI-style slices (membrane lines every 16 px around 15 x 15 cells, shifted
+  per slice) as make_cell_instances' COCO set: 2 train, 1 val."""
+  from jaxvision.data.make_cell_instances import make_cell_instances
+
+  for sub in ("train/image", "train/label"):
+    (root / "isbi" / sub).mkdir(parents=True)
+  for n in range(3):
+    label = np.full((64, 64), 255, np.uint8)
+    label[(np.arange(64) + 5 * n) % 16 == 0, :] = 0
+    label[:, (np.arange(64) + 3 * n) % 16 == 0] = 0
+    Image.fromarray(label).save(root / "isbi" / "train" / "label" / f"{n}.png")
+    Image.fromarray(label // 2 + 60).save(root / "isbi" / "train" / "image" / f"{n}.png")
+  make_cell_instances(str(root / "isbi"), str(root / "cells"), train_slices=2)
+  return f"coco:{root / 'cells'}"
+
+
 def _segfolder(root: pathlib.Path, channels: int = 1) -> str:
   """Six 64x64 image/mask pairs: bright discs on a dark ground, masks 0 / 255."""
   rng = np.random.default_rng(0)
@@ -135,6 +152,8 @@ def _smoke_overrides(name: str, tmp_path) -> dict:
     dataset, splits = _segfolder(tmp_path / "seg"), ("train[:4]", "train[4:]")
   elif config.dataset.startswith("coco_captions:"):
     dataset, splits = _caption_strips(tmp_path / "captions"), ("train", "val")
+  elif config.dataset.startswith("coco:") and config.data.masks:
+    dataset, splits = cell_instances(tmp_path / "cells"), ("train", "val")
   elif config.dataset.startswith("coco:"):
     dataset, splits = digit_canvases(tmp_path / "canvases"), ("train", "val")
   elif name.startswith("resnet") or name.startswith("vit_b16"):

@@ -331,7 +331,7 @@ def test_from_config_takes_the_family_and_its_defaults(model, num_classes, famil
 
 
 def test_bad_config_is_a_one_line_error():
-  with pytest.raises(ValueError, match="not a one-stage detector"):
+  with pytest.raises(ValueError, match="is not a detector"):
     task_class("detection").from_config(_config("resnet_tiny", 2))
   with pytest.raises(ValueError, match="detection.box_loss='l2'"):
     task_class("detection").from_config(_config("retinanet_tiny", 2, box_loss="l2"))

@@ -165,8 +165,8 @@ def test_pretrained_model_with_the_weights_config(tmp_path, capsys):
 
 def test_errors_are_one_line(tmp_path, capsys):
   predictor = _seg_predictor()
-  predictor.task_name = "detection"
-  with pytest.raises(ValueError, match="no output format for task 'detection'"):
+  predictor.task_name = "regression"
+  with pytest.raises(ValueError, match="no output format for task 'regression'"):
     predict.predict_files(predictor, ["x.png"], argparse.Namespace(workers=1), print, print)
   assert predict.main(["--workdir", str(tmp_path), "x.png"]) == 2
   err = capsys.readouterr().err.strip()

@@ -11,6 +11,10 @@ Runs a trained run (or a pretrained model) on image files and prints one JSON ob
                   larger than the training crops are predicted by overlap-tiles
                   (jaxvision.segmentation.predict_tiled)
   captioning      {"file", "caption"}: the caption the run's decoding generates
+  detection       {"file", "height", "width", "detections": [{"box" (x0, y0, x1, y1 pixels of
+                  the file), "score", "class", "index"}, ...]} for scores of at least
+                  --min-score; a Mask R-CNN run adds each detection's "segmentation", its mask
+                  pasted at the file's resolution as COCO's compressed RLE
 
 Images are read with PIL and prepared by the data package's own eval transform with the run's
 settings (config.json: image_size, data.normalize, data.eval_crop, channels) or the pretrained
@@ -38,13 +42,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from configs import base
 from jaxvision.data.decode import IMAGE_EXTENSIONS, EncodedImage, decode
 from jaxvision.data.task_transforms import build_transform
+from jaxvision.detection.masks import paste_masks_numpy
 from jaxvision.pretrained import load_pretrained
 from jaxvision.segmentation import predict_tiled
 from jaxvision.tasks.classification import ClassificationTask
@@ -265,6 +272,77 @@ class CaptioningFormatter(Formatter):
     return {"file": path, "caption": self.predictor.task.tokenizer.decode(prediction["tokens"])}
 
 
+class DetectionFormatter(Formatter):
+  """Each file's detections scoring at least --min-score, in the file's own pixels, from the
+  run's eval transform (resized to fit the input, padded); with instance masks (Mask R-CNN) each
+  detection's mask, pasted at the file's resolution, as COCO's compressed RLE."""
+
+  transform_task = "detection"
+
+  def __init__(self, predictor: Predictor, args: argparse.Namespace):
+    self.predictor, self.args = predictor, args
+    # The files have no ground truth: the transform makes no masks of their annotations.
+    data = ml_collections.ConfigDict(predictor.data_config.to_dict())
+    data.masks = False
+    self.transform = build_transform(data, train=False, task="detection",
+                                     image_size=predictor.image_shape[0])
+    task, model = predictor.task, predictor.model
+
+    @jax.jit
+    def predict(variables, batch):
+      def forward(*args, method=None, **kwargs):
+        return model.apply(variables, *args, train=False, method=method, **kwargs)
+
+      return {**task.infer(forward, batch), "orig_size": batch["orig_size"]}
+
+    self._predict = lambda batch: predict(predictor.variables, batch)
+
+  def prepare(self, path: str) -> dict:
+    """The eval-transformed image of file `path` and the map back to its pixels."""
+    with Image.open(path) as im:
+      width, height = im.size
+    empty = lambda shape, dtype: [np.zeros(shape, dtype)]
+    batch = self.transform(
+        {"id": [0], "image": [EncodedImage(path, mode=_mode(self.predictor.image_shape[-1]))],
+         "boxes": empty((0, 4), np.float32), "classes": empty((0,), np.int32),
+         "ignore": empty((0,), bool), "area": empty((0,), np.float32),
+         "orig_size": [np.array([height, width])]}, np.random.default_rng(0))
+    return {k: batch[k][0] for k in ("image", "scale", "offset", "orig_size")}
+
+  def predict(self, images: list[dict]) -> list[Any]:
+    """Predictions of prepared files, in batches of a fixed size (one compile)."""
+    size = self.predictor.batch_size
+    out = []
+    for start in range(0, len(images), size):
+      chunk = images[start:start + size]
+      n = len(chunk)
+      chunk = chunk + [chunk[-1]] * (size - n)  # every batch of one shape: one compilation
+      batch = {k: np.stack([item[k] for item in chunk]) for k in chunk[0]}
+      predictions = jax.tree.map(np.asarray, self._predict(batch))
+      out.extend(jax.tree.map(lambda x, i=i: x[i], predictions) for i in range(n))
+    return out
+
+  def record(self, path: str, prediction: Any) -> dict:
+    height, width = (int(v) for v in prediction["orig_size"])
+    keep = np.asarray(prediction["valid"], bool) & (
+        np.asarray(prediction["scores"]) >= self.args.min_score)
+    boxes = np.asarray(prediction["boxes"], np.float64)[keep]
+    scores, classes = np.asarray(prediction["scores"])[keep], prediction["classes"][keep]
+    # The data's class names (a detector's num_classes may count a background column too).
+    names = self.predictor.class_names
+    name = lambda k: names[k] if k < len(names) else str(k)
+    detections = [{"box": [round(float(v), 2) for v in box], "score": round(float(score), 4),
+                   "class": name(int(cls)), "index": int(cls)}
+                  for box, score, cls in zip(boxes, scores, classes, strict=True)]
+    if "mask_probs" in prediction:
+      masks = paste_masks_numpy(prediction["mask_probs"][keep], boxes, (height, width))
+      for detection, mask in zip(detections, masks, strict=True):
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        detection["segmentation"] = {"size": [height, width],
+                                     "counts": rle["counts"].decode("ascii")}
+    return {"file": path, "height": height, "width": width, "detections": detections}
+
+
 def _palette(num_classes: int) -> list[int]:
   """A PNG palette: black and white for two classes, distinct colours beyond."""
   if num_classes <= 2:
@@ -277,13 +355,13 @@ def _palette(num_classes: int) -> list[int]:
   return flat + [0] * (768 - len(flat))
 
 
-# config.task -> the formatter of its predictions. Detection (boxes) plugs in here with a
-# Formatter subclass.
+# config.task -> the formatter of its predictions.
 FORMATTERS: dict[str, type[Formatter]] = {
     "classification": ClassificationFormatter,
     "multitask": MultiTaskFormatter,
     "segmentation": SegmentationFormatter,
     "captioning": CaptioningFormatter,
+    "detection": DetectionFormatter,
 }
 
 
@@ -355,6 +433,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--output", default="", help="write JSON lines here instead of stdout")
   parser.add_argument("--mask-dir", default="", help="segmentation: folder of the mask PNGs "
                       "(default: masks/ beside --output, else ./masks)")
+  parser.add_argument("--min-score", type=float, default=0.5,
+                      help="detection: report detections scoring at least this")
   parser.add_argument("--batch-size", type=int, default=0,
                       help="images per forward pass (default: the run's eval batch size, 32)")
   parser.add_argument("--workers", type=int, default=4, help="threads reading images")

@@ -8,8 +8,9 @@ KIND is one of
   confusion     confusion matrix with per-class precision and recall over the eval split
   curves        training curves from WORKDIR/metrics.jsonl (no checkpoint needed)
   segmentation  image | mask | prediction | errors for eval images of a segmentation run
-  boxes         eval images of a detection run with its detections (class name, score) and the
-                ground truth (white), one PNG each (--min-score hides weaker detections)
+  boxes         eval images of a detection run with its detections (class name, score; instance
+                masks filled in for Mask R-CNN) and the ground truth (white), one PNG each
+                (--min-score hides weaker detections)
   captions      eval images of a captioning run with the generated caption and, per word, its
                 cross-attention over the image patches, one PNG each
 
@@ -35,6 +36,7 @@ import numpy as np
 
 from jaxvision.data import create_input
 from jaxvision.detection.draw import save_detections
+from jaxvision.detection.masks import paste_masks_numpy
 from jaxvision.interpret import attention
 from jaxvision.interpret.confusion import confusion_matrix, per_class_metrics
 from jaxvision.interpret.gradcam import gradcam
@@ -133,11 +135,16 @@ def detection_pictures(run_, split: str, num: int, out: str, min_score: float) -
       # Detections are in original-image pixels; the picture is the model's input.
       to_input = np.tile(batch["scale"][i], 2), np.tile(batch["offset"][i], 2)
       boxes = (np.asarray(pred["boxes"][i]) * to_input[0] + to_input[1]) * zoom
+      masks = None
+      if "mask_probs" in pred:  # instance masks (Mask R-CNN), pasted into the model's input
+        masks = paste_masks_numpy(pred["mask_probs"][i], pred["input_boxes"][i],
+                                  batch["image"].shape[1:3]) & pred["valid"][i][:, None, None]
+        masks = np.repeat(np.repeat(masks, zoom, axis=1), zoom, axis=2)
       paths.append(save_detections(
           os.path.join(out, f"boxes_{len(paths):03d}.png"), image, boxes, pred["scores"][i],
           pred["classes"][i], valid=pred["valid"][i], class_names=names,
           score_threshold=min_score, gt_boxes=np.asarray(batch["boxes"][i]) * zoom,
-          gt_classes=batch["classes"][i], gt_valid=batch["box_valid"][i]))
+          gt_classes=batch["classes"][i], gt_valid=batch["box_valid"][i], masks=masks))
   if not paths:
     raise ValueError(f"split {split!r} of {config.dataset} has no examples")
   return paths

@@ -1,5 +1,6 @@
-"""Object detection: image -> boxes, scores and classes, for the one-stage detectors (SSD,
-RetinaNet, FCOS).
+"""Object detection: image -> boxes, scores and classes. This module holds the task of the
+one-stage detectors (SSD, RetinaNet, FCOS); the two-stage R-CNNs (`jaxvision.tasks.two_stage`) and
+DETR (`jaxvision.tasks.detr`) subclass it and keep its evaluation (COCO AP) and pictures.
 
 The model returns raw head outputs over its anchors (`jaxvision.models.ssd` / `retinanet` /
 `fcos`); the task holds the anchors of the run's input size (host constants closed over by
@@ -16,12 +17,14 @@ and runs fixed-size on-device NMS, then maps the boxes to original-image pixels 
 batch's `scale` / `offset`; `finalize` runs COCO evaluation on the host.
 
 Classes: the data's classes are 0 .. K-1. A sigmoid head (RetinaNet, FCOS) has K columns; SSD's
-softmax head has K + 1, column 0 the background (`num_model_classes`).
+and the R-CNNs' softmax heads have K + 1, column 0 the background; DETR's has K + 1 with the
+no-object column last (`num_model_classes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +42,13 @@ from jaxvision.models import create_model
 from jaxvision.tasks.base import TaskBase, image_spec
 
 FAMILIES = ("ssd", "retinanet", "fcos")
+# Detector families whose task subclass lives in its own module, loaded on first use (as TASKS).
+FAMILY_TASKS = {"rcnn": "jaxvision.tasks.two_stage:TwoStageDetectionTask",
+                "detr": "jaxvision.tasks.detr:DetrTask"}
+ALL_FAMILIES = FAMILIES + tuple(FAMILY_TASKS)
+# Families whose `num_classes` counts a background column besides the data's classes (DETR's
+# model adds its no-object column itself, as Hugging Face's `num_labels` does).
+BACKGROUND_COLUMN = ("ssd", "rcnn")
 METRICS = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar100")
 # torchvision's post-processing defaults per family:
 # (score_threshold, nms_iou, max_detections, pre_nms_top_k).
@@ -48,19 +58,19 @@ RETINANET_BOX_LOSSES = ("l1", "smooth_l1", "giou")
 
 
 def num_model_classes(family: str, num_classes: int) -> int:
-  """Class columns of a `family` model for data with `num_classes` classes (SSD adds the
-  background column)."""
-  if family not in FAMILIES:
-    raise ValueError(f"detection family {family!r} is unknown; choose from {FAMILIES}")
-  return num_classes + (family == "ssd")
+  """The `num_classes` of a `family` model for data with `num_classes` classes (SSD and the
+  R-CNNs count the background column)."""
+  if family not in ALL_FAMILIES:
+    raise ValueError(f"detection family {family!r} is unknown; choose from {ALL_FAMILIES}")
+  return num_classes + (family in BACKGROUND_COLUMN)
 
 
 def model_family(model) -> str:
-  """'ssd' | 'retinanet' | 'fcos' of a detector module (its `family` attribute)."""
+  """The detector family (`ALL_FAMILIES`) of a detector module (its `family` attribute)."""
   family = getattr(model, "family", None)
-  if family not in FAMILIES:
-    raise ValueError(f"model {type(model).__name__} is not a one-stage detector (family "
-                     f"{family!r}); choose an ssd*, retinanet* or fcos* model")
+  if family not in ALL_FAMILIES:
+    raise ValueError(f"model {type(model).__name__} is not a detector (family {family!r}); "
+                     "choose an ssd*, retinanet*, fcos*, fasterrcnn*, maskrcnn* or detr* model")
   return family
 
 
@@ -72,7 +82,8 @@ class DetectionTask(TaskBase):
     family: 'ssd', 'retinanet' or 'fcos': the loss and the decoding.
     num_classes: the data's classes K (0 .. K-1).
     image_shape: (H, W, C) of the model's input.
-    anchors: the model's anchors for that input (`model.anchors((H, W))`).
+    anchors: the model's anchors for that input (`model.anchors((H, W))`); None for detectors
+      that keep their own (R-CNN's RPN, DETR).
     max_boxes: ground-truth boxes per image in a batch (padded, with `box_valid`).
     score_threshold: detections need a score above this.
     nms_iou: IoU above which NMS suppresses a box of the same class.
@@ -86,7 +97,7 @@ class DetectionTask(TaskBase):
   family: str
   num_classes: int
   image_shape: tuple[int, int, int]
-  anchors: AnchorSet
+  anchors: AnchorSet | None
   max_boxes: int = 100
   score_threshold: float = 0.05
   nms_iou: float = 0.5
@@ -97,8 +108,8 @@ class DetectionTask(TaskBase):
   pictures: int = 0
 
   def __post_init__(self):
-    if self.family not in FAMILIES:
-      raise ValueError(f"detection.loss={self.family!r}; choose from {FAMILIES}")
+    if self.family not in ALL_FAMILIES:
+      raise ValueError(f"detection.loss={self.family!r}; choose from {ALL_FAMILIES}")
     if self.num_classes < 1:
       raise ValueError(f"detection needs num_classes >= 1, got {self.num_classes}")
     if self.max_boxes < 1 or self.max_detections < 1 or self.pre_nms_top_k < 1:
@@ -108,7 +119,8 @@ class DetectionTask(TaskBase):
     if self.retinanet_box_loss not in RETINANET_BOX_LOSSES:
       raise ValueError(f"detection.box_loss={self.retinanet_box_loss!r}; choose from "
                        f"{RETINANET_BOX_LOSSES}")
-    if self.anchors.boxes.shape != (sum(self.anchors.level_sizes), 4):
+    if self.anchors is not None and (self.anchors.boxes.shape
+                                     != (sum(self.anchors.level_sizes), 4)):
       raise ValueError(f"detection anchors {self.anchors.boxes.shape} do not match their "
                        f"levels {self.anchors.level_sizes}")
 
@@ -148,6 +160,9 @@ class DetectionTask(TaskBase):
                          **dict(config.model_kwargs.to_dict()))
     family = str(det.loss)
     family = model_family(model) if family in ("", "auto") else family
+    if family in FAMILY_TASKS and cls is DetectionTask:
+      module, name = FAMILY_TASKS[family].split(":")
+      return getattr(importlib.import_module(module), name).from_config(config)
     positive = lambda v: v if v > 0 else None
     names = tuple(str(n) for n in config.data_info.get("class_names", ()))
     return cls.for_model(
@@ -232,10 +247,15 @@ class DetectionTask(TaskBase):
     return postprocess.fcos_detections(cls, reg, outputs["bbox_ctrness"], anchors,
                                        self.anchors.level_sizes, **kw)
 
-  def predict(self, forward, batch: dict) -> dict[str, jax.Array]:
-    """Detections of one forward pass, boxes in original-image pixels."""
+  def infer(self, forward, batch: dict) -> dict[str, jax.Array]:
+    """Detections of one forward pass over the batch's images, boxes in original-image pixels
+    (the batch's `scale`, `offset`, `orig_size`); needs no ground truth (`train.predict`)."""
     dets = self.detections(forward(batch["image"]))
     return postprocess.to_original(dets, batch["scale"], batch["offset"], batch["orig_size"])
+
+  def predict(self, forward, batch: dict) -> dict[str, jax.Array]:
+    """What evaluation scores: `infer`'s detections."""
+    return self.infer(forward, batch)
 
   def eval_sums(self, predictions: dict, batch: dict) -> dict[str, jax.Array]:
     """Valid examples and their detections (COCO AP is not a sum: see `eval_examples`)."""
@@ -279,6 +299,11 @@ class DetectionTask(TaskBase):
   def save_pictures(self, path_prefix: str, batch: dict, predictions: Any) -> list[str]:
     """One PNG per example: the model's input image with its detections (class name and score)
     and the ground truth (white) drawn; files `{path_prefix}{i}.png`."""
+    return self._draw(path_prefix, batch, predictions)
+
+  def _draw(self, path_prefix: str, batch: dict, predictions: Any, masks=None) -> list[str]:
+    """save_pictures' drawing, with instance masks (bool [D, H, W] per example, in the model's
+    input pixels) filled in when given."""
     names = self.class_names or None
     os.makedirs(os.path.dirname(path_prefix) or ".", exist_ok=True)
     paths = []
@@ -291,5 +316,6 @@ class DetectionTask(TaskBase):
           np.asarray(predictions["scores"][i]), np.asarray(predictions["classes"][i]),
           valid=np.asarray(predictions["valid"][i]), class_names=names,
           gt_boxes=np.asarray(batch["boxes"][i]), gt_classes=np.asarray(batch["classes"][i]),
-          gt_valid=np.asarray(batch["box_valid"][i])))
+          gt_valid=np.asarray(batch["box_valid"][i]),
+          masks=None if masks is None else masks[i]))
     return paths
