@@ -111,6 +111,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # '^(fc1|fc2|head)/' to reuse only a network's convolutions (train.transfer).
   c.init_skip = ""
   c.freeze = ""  # regex over '/'-joined parameter paths that stay fixed, e.g. '^(?!head/)'
+  # Regex over parameter paths whose learning rate is scaled_lr_factor times the schedule's, e.g.
+  # '^backbone/' with 0.1 (DETR trains its backbone ten times slower than its transformer).
+  c.scaled_lr_params = ""
+  c.scaled_lr_factor = 1.0
 
   # --- Parallelism ---------------------------------------------------------------------------
   c.parallel = "mesh"  # 'mesh': jit over a device mesh | 'pmap': the same step under jax.pmap

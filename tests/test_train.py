@@ -8,12 +8,14 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import final_params, read_metrics, small_config, xla_flags
 from train import loop
 from train.build import build_model
+from train.optim import create_optimizer
 from train.resolve import resolve
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,3 +218,14 @@ def test_lenet_mnist_end_to_end_on_tfds_mock_data(tmp_path):
   assert [r["step"] for r in read_metrics(tmp_path)] == [2, 4, 6]
   assert [r["step"] for r in read_metrics(tmp_path, "eval")] == [3, 6]
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+
+
+def test_scaled_lr_params_take_scaled_updates():
+  config = small_config(optimizer="sgd", learning_rate=0.5, schedule="constant", warmup_steps=0,
+                        scaled_lr_params="^backbone/", scaled_lr_factor=0.1)
+  params = {"backbone": {"kernel": jnp.ones(3)}, "head": {"kernel": jnp.ones(3)}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = create_optimizer(config)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert float(updates["head"]["kernel"][0]) == pytest.approx(-0.5)
+  assert float(updates["backbone"]["kernel"][0]) == pytest.approx(-0.05)

@@ -55,12 +55,13 @@ def validate(config) -> None:
   need(config.progress in ("auto", "bar", "lines", "none"), "progress",
        "choose 'auto', 'bar', 'lines' or 'none'")
   need(config.stop_at_step >= 0, "stop_at_step", "must be >= 0")
+  need(config.scaled_lr_factor >= 0, "scaled_lr_factor", "must be >= 0")
   if (config.init_from and not config.init_from.startswith(hub.HUB_PREFIX)
       and not os.path.exists(config.init_from)):
     # Checked here, before the workdir is touched; the loop reads it only once it knows the run
     # starts afresh.
     raise ValueError(f"config.init_from={config.init_from!r}: no such file or directory")
-  for key in ("freeze", "init_skip"):
+  for key in ("freeze", "init_skip", "scaled_lr_params"):
     if config[key]:
       try:
         re.compile(config[key])

@@ -231,12 +231,13 @@ RESUME_KEYS = ("model", "dataset", "train_split", "batch_size", "seed")
 
 def check_names(config, task, params, *, evaluated: bool) -> None:
   """One-line errors for config keys that name something the run does not have: the best
-  metric (a metric of the task), the freeze / init_skip patterns (parameter paths)."""
+  metric (a metric of the task), the freeze / init_skip / scaled_lr_params patterns
+  (parameter paths)."""
   if evaluated and config.best_metric and config.best_metric not in task.metric_names:
     raise ValueError(f"config.best_metric={config.best_metric!r} is not a metric of task "
                      f"{config.task!r} ({', '.join(task.metric_names)}); '' keeps no best")
   paths = list(flatten(params))
-  for key in ("freeze", "init_skip"):
+  for key in ("freeze", "init_skip", "scaled_lr_params"):
     pattern = config[key]
     if pattern and not any(re.search(pattern, p) for p in paths):
       raise ValueError(f"config.{key}={pattern!r} matches no parameter of {config.model!r} "

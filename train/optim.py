@@ -26,10 +26,10 @@ def decay_mask(params):
   return _map_paths(lambda path, leaf: leaf.ndim >= 2 and not _NO_DECAY.search(path), params)
 
 
-def freeze_labels(params, pattern: str):
-  """'frozen' for every parameter whose path matches `pattern`, 'trained' otherwise."""
+def freeze_labels(params, pattern: str, label: str = "frozen"):
+  """`label` for every parameter whose path matches `pattern`, 'trained' otherwise."""
   regex = re.compile(pattern)
-  return _map_paths(lambda path, _: "frozen" if regex.search(path) else "trained", params)
+  return _map_paths(lambda path, _: label if regex.search(path) else "trained", params)
 
 
 def create_schedule(config) -> optax.Schedule:
@@ -61,7 +61,8 @@ def create_schedule(config) -> optax.Schedule:
 
 
 def create_optimizer(config) -> optax.GradientTransformation:
-  """Clipping -> optimizer with masked weight decay -> freezing, as the config asks."""
+  """Clipping -> optimizer with masked weight decay -> scaled learning rates -> freezing, as the
+  config asks."""
   schedule = create_schedule(config)
   name, wd = config.optimizer, float(config.weight_decay)
   mask = decay_mask
@@ -88,6 +89,14 @@ def create_optimizer(config) -> optax.GradientTransformation:
     )
   else:
     raise ValueError(f"config.optimizer={name!r} is unknown; choose from {', '.join(OPTIMIZERS)}")
+  if config.scaled_lr_params:
+    # Scaling the updates scales the learning rate, weight decay included (as a PyTorch
+    # parameter group's lr does).
+    factor = float(config.scaled_lr_factor)
+    tx = optax.multi_transform(
+        {"trained": tx, "scaled": optax.chain(tx, optax.scale(factor))},
+        lambda p: freeze_labels(p, config.scaled_lr_params, "scaled"),
+    )
   if config.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(float(config.grad_clip_norm)), tx)
   if config.freeze:
