@@ -21,10 +21,14 @@
                  'valid'}: `sigmoid_detections` (RetinaNet), `fcos_detections`,
                  `softmax_detections` (SSD); `to_original` maps them to original pixels
     coco_eval    COCO AP / AR in NumPy, equal to pycocotools' COCOeval: `coco_evaluate`,
-                 `from_padded` (the detection task's padded arrays -> per-box rows)
+                 `from_padded` (the detection task's padded arrays -> per-box rows); mask AP
+                 from given IoU matrices (`iou=`, `ious_from_padded`)
+    masks        instance masks on device: `paste_masks` (torchvision's paste_masks_in_image,
+                 static shapes) and its host twin `paste_masks_numpy`; `mask_overlaps` /
+                 `mask_ious` (COCO's mask IoU)
     voc_eval     Pascal VOC AP50 (11-point and all-point): `voc_evaluate`
-    draw         detections (and optional ground truth) drawn on an image with PIL:
-                 `draw_detections`, `save_detections`
+    draw         detections (optional instance masks and ground truth) drawn on an image with
+                 PIL: `draw_detections`, `save_detections`
     roi_align    `roi_align`: bilinear RoIAlign crops of NHWC features at boxes, with static
                  shapes, equal to torchvision's; `multiscale_roi_align` (MultiScaleRoIAlign,
                  the R-CNN heads' input)
@@ -37,6 +41,8 @@
     rcnn_train   `rcnn_train_forward` (model.apply(..., method=...)) and `rcnn_loss`
     hungarian    `linear_sum_assignment` on device (the same optimum as scipy's), with padded
                  rows; `detr_cost` / `detr_match`, DETR's matcher on padded targets
+    detr_loss    DETR's set loss with that matching inside the step (`detr_loss`) and its
+                 query decoding (`detr_detections`)
 
 Submodules are imported on first use; coco_eval, voc_eval and draw compute with NumPy only.
 """
@@ -45,9 +51,9 @@ from __future__ import annotations
 
 import importlib
 
-SUBMODULES = ("anchors", "boxes", "coco_eval", "coders", "draw", "hungarian", "losses",
-              "matchers", "nms", "postprocess", "rcnn_losses", "rcnn_targets", "rcnn_train",
-              "roi_align", "rpn", "voc_eval")
+SUBMODULES = ("anchors", "boxes", "coco_eval", "coders", "detr_loss", "draw", "hungarian",
+              "losses", "masks", "matchers", "nms", "postprocess", "rcnn_losses", "rcnn_targets",
+              "rcnn_train", "roi_align", "rpn", "voc_eval")
 
 
 def __getattr__(name: str):
