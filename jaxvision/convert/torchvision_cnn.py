@@ -200,6 +200,38 @@ def _raise(direction: str, name: str, missing, unexpected, misshaped) -> None:
     raise ValueError(f"{direction}({name!r}): " + "; ".join(problems))
 
 
+def flat_variables(name: str, variables: dict) -> dict[tuple, np.ndarray]:
+  """{(collection, *path): array} of Flax variables' 'params' and 'batch_stats', as numpy:
+  what the `to_torch` converters map key by key."""
+  if "params" not in variables:
+    raise ValueError(f"to_torch({name!r}): variables have no 'params' collection")
+  given = {}
+  for collection in ("params", "batch_stats"):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables.get(collection, {}))[0]:
+      given[(collection, *(getattr(p, "key", str(p)) for p in path))] = np.asarray(leaf)
+  return given
+
+
+def map_expected(name: str, expected: dict, given: dict, convert) -> dict[str, np.ndarray]:
+  """The state dict {torch key: array} of `convert(key, array)` -> (torch key, array) over
+  every `expected` key (ShapeDtypeStructs by Flax key) in `given` (`flat_variables`); one
+  ValueError lists the missing, unexpected and mis-shaped keys."""
+  sd, missing, misshaped = {}, [], []
+  for key, spec in expected.items():
+    label = "/".join(key)
+    if key not in given:
+      missing.append(label)
+      continue
+    if given[key].shape != spec.shape:
+      misshaped.append(f"{label} {given[key].shape} (expected {spec.shape})")
+      continue
+    torch_key, array = convert(key, given[key])
+    sd[torch_key] = array
+  unexpected = sorted("/".join(k) for k in set(given) - set(expected))
+  _raise("to_torch", name, missing, unexpected, misshaped)
+  return sd
+
+
 def state_dict_layout(
     name: str, *, num_classes: int | None = None, in_channels: int = 3, **options
 ) -> dict[str, tuple[int, ...]]:
@@ -256,12 +288,7 @@ def from_torch(name: str, state_dict: dict[str, Any], **model_kwargs) -> dict:
 def to_torch(name: str, variables: dict, **model_kwargs) -> dict[str, np.ndarray]:
   """Flax variables {'params', 'batch_stats'} -> a torchvision state dict of numpy arrays."""
   model, family = _family(name)
-  if "params" not in variables:
-    raise ValueError(f"to_torch({name!r}): variables have no 'params' collection")
-  given = {}
-  for collection in ("params", "batch_stats"):
-    for path, leaf in jax.tree_util.tree_flatten_with_path(variables.get(collection, {}))[0]:
-      given[(collection, *(getattr(p, "key", str(p)) for p in path))] = np.asarray(leaf)
+  given = flat_variables(name, variables)
   head = ("params", "head", "kernel")
   first = ("params", *family.first_conv, "kernel")
   num_classes = given[head].shape[-1] if head in given else 0

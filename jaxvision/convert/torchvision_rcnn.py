@@ -27,12 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvision.convert.torchvision_cnn import (
-    NUM_BATCHES,
-    _from_torch_array,
-    _nest,
-    _raise,
-    _to_torch_array,
-    _torch_shape,
+  NUM_BATCHES,
+  _from_torch_array,
+  _nest,
+  _raise,
+  _to_torch_array,
+  _torch_shape,
+  flat_variables,
+  map_expected,
 )
 from jaxvision.convert.torchvision_detection import _fpn_backbone_prefix
 from jaxvision.models import create_model, model_info
@@ -163,26 +165,10 @@ def from_torch(name: str, state_dict: dict[str, Any], **model_kwargs) -> dict:
 def to_torch(name: str, variables: dict, **model_kwargs) -> dict[str, np.ndarray]:
   """Flax variables {'params', 'batch_stats'} -> a torchvision state dict of numpy arrays, in
   the layout of torchvision's models with frozen BatchNorm (the published checkpoints')."""
-  if "params" not in variables:
-    raise ValueError(f"to_torch({name!r}): variables have no 'params' collection")
-  given = {}
-  for collection in ("params", "batch_stats"):
-    for path, leaf in jax.tree_util.tree_flatten_with_path(variables.get(collection, {}))[0]:
-      given[(collection, *(getattr(p, "key", str(p)) for p in path))] = np.asarray(leaf)
+  given = flat_variables(name, variables)
   options = dict(model_kwargs)
   if "num_classes" not in options and _CLASSIFIER in given and given[_CLASSIFIER].ndim == 2:
     options["num_classes"] = given[_CLASSIFIER].shape[1]
   _, expected = _expected(name, options)
-  sd, missing, misshaped = {}, [], []
-  for key, spec in expected.items():
-    label = "/".join(key)
-    if key not in given:
-      missing.append(label)
-      continue
-    if given[key].shape != spec.shape:
-      misshaped.append(f"{label} {given[key].shape} (expected {spec.shape})")
-      continue
-    sd[_torch_key(key)] = _to_torch(key, given[key])
-  unexpected = sorted("/".join(k) for k in set(given) - set(expected))
-  _raise("to_torch", name, missing, unexpected, misshaped)
-  return sd
+  return map_expected(name, expected, given,
+                      lambda key, array: (_torch_key(key), _to_torch(key, array)))
