@@ -301,19 +301,14 @@ def to_torch(name: str, variables: dict, **model_kwargs) -> dict[str, np.ndarray
   options.update(model_kwargs)
   num_classes = options.pop("num_classes", num_classes)
   model, expected = _expected(name, num_classes, in_channels, options)
-  sd, missing, misshaped = {}, [], []
-  for key, spec in expected.items():
-    label = "/".join(key)
-    if key not in given:
-      missing.append(label)
-      continue
-    if given[key].shape != spec.shape:
-      misshaped.append(f"{label} {given[key].shape} (expected {spec.shape})")
-      continue
-    tkey, leaf = _torch_key(family, model, key), key[-1]
-    sd[tkey] = _to_torch_array(given[key], leaf, family.flatten_hw.get(tuple(key[1:-1])))
-    if key[0] == "params" and leaf == "scale":
+  converted = map_expected(name, expected, given, lambda key, array: (
+      _torch_key(family, model, key),
+      _to_torch_array(array, key[-1], family.flatten_hw.get(tuple(key[1:-1])))))
+  # Each BatchNorm2d also counts its updates (torchvision's layout): the count follows its
+  # weight, from 0.
+  sd = {}
+  for (key, _), (tkey, array) in zip(expected.items(), converted.items(), strict=True):
+    sd[tkey] = array
+    if key[0] == "params" and key[-1] == "scale":
       sd[tkey.rsplit(".", 1)[0] + "." + NUM_BATCHES] = np.zeros((), np.int64)
-  unexpected = sorted("/".join(k) for k in set(given) - set(expected))
-  _raise("to_torch", name, missing, unexpected, misshaped)
   return sd
