@@ -22,8 +22,11 @@ def _map_paths(fn, params):
 
 
 def decay_mask(params):
-  """True where weight decay applies: kernels and embeddings of rank >= 2, not biases/scales."""
-  return _map_paths(lambda path, leaf: leaf.ndim >= 2 and not _NO_DECAY.search(path), params)
+  """True where weight decay applies: kernels and embeddings of rank >= 2, not biases/scales.
+  Inside optax.multi_transform (freeze, scaled_lr_params) the other groups' leaves are
+  placeholders without a shape: False."""
+  return _map_paths(lambda path, leaf: getattr(leaf, "ndim", 0) >= 2
+                    and not _NO_DECAY.search(path), params)
 
 
 def freeze_labels(params, pattern: str, label: str = "frozen"):
