@@ -59,9 +59,6 @@ def get_config(arg: str | None = None):
   c.learning_rate = 2e-3
   c.schedule = "warmup_cosine"
   c.warmup_steps = 100
-  c.total_steps = 1000
   c.grad_clip_norm = 10.0
-  c.log_every = 50
-  c.eval_every = 500
-  c.checkpoint_every = 500
+  # base's schedule: 1,000 steps, evaluated and saved every 500.
   return c
