@@ -13,9 +13,9 @@ and its gradient alone on fixed outputs, where the matching is most of the work.
 variants must give the same loss; compile time is `lower(...).compile()`, the step time the
 median of `--windows` windows of `--steps` steps, the two variants' windows alternating.
 
-Output: one JSON object per measurement: RESULT_KEYS (shared/DESIGN.md; `framework` is
-'jax-device-matching' or 'jax-host-matching', `mode` 'train' or 'loss'), then a last line with
-the host / device step-time ratios.
+Output: one JSON object per measurement with the keys of `train.bench_common.result_row` (the
+other benchmarks' rows; `framework` is 'jax-device-matching' or 'jax-host-matching', `mode`
+'train' or 'loss'), then a last line with the host / device step-time ratios.
 """
 
 from __future__ import annotations

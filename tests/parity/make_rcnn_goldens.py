@@ -137,23 +137,9 @@ def box_head_inputs(num_classes: int, rois: int, batch: int, seed: int = SEED):
   return logits, regression, boxes
 
 
-def sample_positions(size: int, seed: int = SEED) -> np.ndarray:
-  """The fixed flat positions an output of `size` values is compared at."""
-  if size <= SAMPLE:
-    return np.arange(size)
-  return np.sort(np.random.default_rng([seed, size]).choice(size, SAMPLE, replace=False))
-
-
 def summarize(outputs: dict[str, np.ndarray], seed: int = SEED) -> dict[str, np.ndarray]:
-  """Per output: shape, float64 sum and absolute sum, and the values at `sample_positions`."""
-  out = {}
-  for key, value in outputs.items():
-    flat = np.asarray(value, np.float32).reshape(-1)
-    out[f"{key}/shape"] = np.array(np.shape(value))
-    out[f"{key}/sum"] = np.float64(flat.astype(np.float64).sum())
-    out[f"{key}/abs_sum"] = np.float64(np.abs(flat.astype(np.float64)).sum())
-    out[f"{key}/sample"] = flat[sample_positions(flat.size, seed)]
-  return out
+  """The detection goldens' summary (shape, sums, sampled values) with SAMPLE values kept."""
+  return det.summarize(outputs, seed, count=SAMPLE)
 
 
 def reference_nms(boxes, scores, iou_threshold: float):

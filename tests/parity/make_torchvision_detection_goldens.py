@@ -84,14 +84,16 @@ def deterministic_input(height: int, width: int, batch: int, seed: int = SEED) -
   return rng.standard_normal((batch, height, width, 3), dtype=np.float32)
 
 
-def sample_positions(size: int, seed: int = SEED) -> np.ndarray:
-  """The fixed flat positions an output of `size` values is compared at."""
-  if size <= SAMPLE:
+def sample_positions(size: int, seed: int = SEED, count: int = SAMPLE) -> np.ndarray:
+  """The fixed flat positions (`count` of them, or all) an output of `size` values is compared
+  at."""
+  if size <= count:
     return np.arange(size)
-  return np.sort(np.random.default_rng([seed, size]).choice(size, SAMPLE, replace=False))
+  return np.sort(np.random.default_rng([seed, size]).choice(size, count, replace=False))
 
 
-def summarize(outputs: dict[str, np.ndarray], seed: int = SEED) -> dict[str, np.ndarray]:
+def summarize(outputs: dict[str, np.ndarray], seed: int = SEED,
+              count: int = SAMPLE) -> dict[str, np.ndarray]:
   """Per output: shape, float64 sum and absolute sum, and the values at `sample_positions`."""
   out = {}
   for key, value in outputs.items():
@@ -100,7 +102,7 @@ def summarize(outputs: dict[str, np.ndarray], seed: int = SEED) -> dict[str, np.
     out[f"{key}/shape"] = np.array(value.shape)
     out[f"{key}/sum"] = np.float64(flat.astype(np.float64).sum())
     out[f"{key}/abs_sum"] = np.float64(np.abs(flat.astype(np.float64)).sum())
-    out[f"{key}/sample"] = flat[sample_positions(flat.size, seed)]
+    out[f"{key}/sample"] = flat[sample_positions(flat.size, seed, count)]
   return out
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import make_rcnn_goldens as gen
 import numpy as np
 import pytest
+from test_torchvision_detection_parity import sampled_errors
 
 from jaxvision.convert import from_torch, to_torch
 from jaxvision.convert.torchvision_rcnn import state_dict_layout
@@ -67,21 +68,7 @@ def model_errors(case: str) -> dict[str, float]:
   rois = gen.deterministic_rois(batch, meta["rois_per_image"], h, w, seed)
   outputs = stage_outputs(model, gen.deterministic_variables(name, seed), images, rois)
   outputs["anchors"] = model.rpn_anchors((h, w)).boxes
-  keys = sorted({k.split("/")[0] for k in golden.files if "/" in k})
-  assert sorted(outputs) == keys
-  errors = {}
-  for key in keys:
-    ours = outputs[key]
-    assert ours.shape == tuple(golden[f"{key}/shape"]), key
-    flat = ours.reshape(-1).astype(np.float64)
-    scale = golden[f"{key}/abs_sum"]
-    # The checksums cover every value, the sample pins them one by one.
-    assert abs(flat.sum() - golden[f"{key}/sum"]) <= 1e-5 * scale, key
-    assert abs(np.abs(flat).sum() - scale) <= 1e-5 * scale, key
-    expected = golden[f"{key}/sample"]
-    errors[key] = float(np.abs(flat[gen.sample_positions(flat.size, seed)] - expected).max())
-    errors[key + "/scale"] = float(np.abs(expected).max())
-  return errors
+  return sampled_errors(outputs, golden, seed)
 
 
 @pytest.mark.parametrize("case", _cases(gen.CASES))
