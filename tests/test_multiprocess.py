@@ -174,6 +174,23 @@ def test_checkpoint_of_two_processes_resumes_in_one(two_processes, one_process, 
     np.testing.assert_allclose(loss, reference[key], rtol=1e-5, err_msg=str(key))
 
 
+@pytest.mark.slow  # four more trainer processes (52 s)
+def test_pmap_over_two_processes_saves_global_checkpoints_that_resume(one_process, tmp_path):
+  """Under pmap each process holds its own copies of the state; the checkpoint is one global
+  array per leaf, which the same two processes resume from."""
+  workdir = str(tmp_path / "w")
+  pmap = {**SETTINGS, "parallel": "pmap", "stop_at_step": 10}
+  finish_workers(tmp_path, start_workers(tmp_path, workdir, pmap))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10"]
+  finish_workers(tmp_path, start_workers(tmp_path, workdir, {**pmap, "stop_at_step": 0}))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
+  resumed = {(r["step"], r["split"]): r["loss"] for r in metrics(workdir)}
+  reference = {(r["step"], r["split"]): r["loss"] for r in metrics(one_process[0])}
+  assert sorted(resumed) == sorted(reference)
+  for key, loss in resumed.items():
+    np.testing.assert_allclose(loss, reference[key], rtol=1e-5, err_msg=str(key))
+
+
 @pytest.mark.slow  # two more trainer processes; one-process SIGTERM is in test_train.py
 def test_sigterm_to_one_process_stops_both_with_a_checkpoint(tmp_path):
   """A preemption notice reaches hosts at different times: process 0 alone gets it here."""

@@ -189,9 +189,14 @@ class PmapExecutor(_Executor):
     self.devices = devices
     num_devices = len(self.devices) * jax.process_count()
     check_batch_divides(config, num_devices)
-    device0 = jax.sharding.SingleDeviceSharding(self.devices[0])
+    # Checkpoints hold global arrays: with several processes the first copy becomes one array
+    # replicated over every process's devices (Orbax writes no process-local arrays).
+    self._checkpoint_sharding = (
+        NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("all",)), P())
+        if jax.process_count() > 1 else jax.sharding.SingleDeviceSharding(self.devices[0]))
     self.abstract_checkpoint = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device0), self.abstract_state
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._checkpoint_sharding),
+        self.abstract_state
     )
     self._init = jax.jit(self._create)
     chosen = self.devices if config.mesh.num_devices else None
@@ -203,14 +208,38 @@ class PmapExecutor(_Executor):
         functools.partial(self._eval, axis_name=self.axis_name), axis_name=self.axis_name,
         devices=chosen,
     )
-    self._batch_sharding = NamedSharding(jax.sharding.Mesh(np.array(self.devices), ("d",)), P("d"))
+    local_mesh = jax.sharding.Mesh(np.array(self.devices), ("d",))
+    self._batch_sharding = NamedSharding(local_mesh, P("d"))
+    self._on_every_device = NamedSharding(local_mesh, P())
+    n = len(self.devices)
+    self._first_copy = jax.jit(lambda tree: jax.tree.map(lambda x: x[0], tree),
+                               out_shardings=self._on_every_device)
+    self._replicate = jax.jit(
+        lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), tree),
+        out_shardings=self._batch_sharding)
     self.num_devices = num_devices
     self._devices = devices
     self._layout = f"pmap over {len(devices)} local devices x {jax.process_count()} processes"
 
   def _unreplicate(self, tree):
-    """The first device's copy: after the pmean'd update and the psum all copies are equal."""
-    return jax.tree.map(lambda x: x[0], tree)
+    """The first device's copy: after the pmean'd update and the psum all copies are equal.
+
+    One jitted program per tree structure: indexing leaf by leaf would compile a gather for
+    every distinct leaf shape (dozens of compiles for a model's state).
+    """
+    return self._first_copy(tree)
+
+  def host_scalar(self, x) -> float | int:
+    """A scalar of the state as a Python number: the first device's copy, read on the host."""
+    return np.asarray(jax.device_get(x))[0].item()
+
+  def to_checkpoint(self, state):
+    """The first device's copy, as one global array per leaf."""
+    tree = self._first_copy(state)
+    if jax.process_count() == 1:
+      return tree
+    return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
+        x.shape, self._checkpoint_sharding, [s.data for s in x.addressable_shards]), tree)
 
   def init_state(self, rng):
     """A fresh TrainState, one copy per local device."""
@@ -225,11 +254,9 @@ class PmapExecutor(_Executor):
     }
 
   def from_checkpoint(self, state):
-    """One global copy (as restored) -> one copy per local device."""
-    n = len(self.devices)
-    return jax.tree.map(
-        lambda x: jax.device_put(jnp.broadcast_to(x, (n,) + x.shape), self._batch_sharding), state
-    )
+    """One global copy (as restored) -> one copy per local device (one program for the tree)."""
+    local = jax.tree.map(lambda x: x if x.is_fully_addressable else x.addressable_data(0), state)
+    return self._replicate(jax.device_put(local, self._on_every_device))
 
 
 def create_executor(config, model, tx, task, devices: list | None = None):

@@ -8,6 +8,7 @@ slice is then a random held-out set, as with ``train_test_split(shuffle=True)``.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -39,16 +40,27 @@ def load(arg: str, split: str, image_size: int | None = None,
   del data_config
   if arg:
     raise ValueError(f"dataset 'digits' takes no argument, got 'digits:{arg}'")
+  images, labels, order = _prepared(image_size or 8)
+  return {
+      "train": ArraySource(images, labels, num_classes=10, ids=order,
+                            class_names=tuple(str(d) for d in range(10)))
+  }
+
+
+@functools.lru_cache(maxsize=4)
+def _prepared(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(images, labels, ids) in the split's fixed order, read-only: the train and eval splits of
+  a run, and every later run in the same process, share one decoding and resizing."""
   images, labels = read_digits()
   images = images.astype(np.float32) / 16.0  # pixel values are 0..16
-  if image_size and image_size != images.shape[1]:
+  if size != images.shape[1]:
     images = np.stack([
-        np.asarray(Image.fromarray(im, mode="F").resize((image_size, image_size), Image.BILINEAR))
+        np.asarray(Image.fromarray(im, mode="F").resize((size, size), Image.BILINEAR))
         for im in images
     ])
   images = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)[..., None]
   order = np.random.default_rng(0).permutation(len(labels))
-  return {
-      "train": ArraySource(images[order], labels[order], num_classes=10, ids=order.astype(np.int64),
-                            class_names=tuple(str(d) for d in range(10)))
-  }
+  arrays = images[order], labels[order], order.astype(np.int64)
+  for a in arrays:
+    a.setflags(write=False)
+  return arrays
