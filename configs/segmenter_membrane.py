@@ -32,6 +32,14 @@ trial runs on the shared CPU (errors only; the machine was too loaded for their 
     learning rate 1e-3, weight EMA 0.98 / 0.99 (config.ema_decay)          0.152 / 0.153
   (the training loss sits at 0.33-0.36 from step 75 on at either rate; the held-out error
   falls as the cosine schedule ends: 0.149 at step 600 and 0.1295 at 1200 of the cpu preset)
+  Smaller encoders for more steps, 4-px patches, batch 8, evaluated at the end only, 2026-12-02
+  (--model_kwargs=width=128,num_heads=4,mlp_dim=512,depth=D --config.total_steps=N):
+    2-px patches, 96 wide (1,024 tokens a crop): 6.6 s a step, stopped
+    128 wide, 4 blocks, 2,400 steps                                         0.1250
+      the same checkpoint with 16-px eval margins (model_kwargs.eval_margin)  0.1229
+    128 wide, 3 blocks, 3,200 steps, 16-px eval margins                     0.1233
+  (30 and 27 min wall, but the host ran at 9-28 images/s within one run: no timing). Every
+  variant's training loss stays at 0.32-0.36 until the schedule ends.
   cpu_mask (4-px, batch 8), 150-step schedule: training loss 0.65 at step 25 and 0.58 at 150,
   where the linear decoder's (batch 16) was 0.44 and 0.34; not evaluated (out of memory with
   five slices per eval batch, hence eval_batch_size 1). With two classes the mask norm bounds
