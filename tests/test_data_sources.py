@@ -287,3 +287,16 @@ def test_segfolder_skip_bad_skips_the_pair(tmp_path):
     load_source(f"segfolder:{tmp_path}", "train", data_config=data_config())
   source = load_source(f"segfolder:{tmp_path}", "train", data_config=data_config(skip_bad=True))
   assert len(source) == 2 and source.skipped == [str(tmp_path / "image" / "0.png")]
+
+
+def test_synthetic_labels_span_more_classes_than_rows_and_too_many_classes_is_one_line():
+  import warnings
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no mean of an empty band
+    source = load_source("synthetic:8x8x1:40", "train")
+  counts = np.bincount(source.labels, minlength=40)
+  assert len(counts) == 40 and (counts > 0).sum() >= 35  # 1,024 images over 40 classes
+  assert np.array_equal(source.labels, load_source("synthetic:8x8x1:40", "train").labels)
+  with pytest.raises(ValueError, match=r"synthetic:4x4x1:17.*at most H\*W=16 classes"):
+    load_source("synthetic:4x4x1:17", "train")
