@@ -185,3 +185,21 @@ def test_notebook_tpu_configs_fit_colab_tpus(name, target, capsys):
   assert status == 0, out.out + out.err
   assert out.out.strip().splitlines()[-1].startswith("fits: the ")
   assert f"target    {target}:" in out.out
+
+
+def test_memory_plan_table_reports_only_compiled_bounds():
+  from train import memory_plan
+
+  point = dict(generation="v5e", limit=16 * 2**30, compile_s=100.0, compile_cpu_s=90.0,
+               flops_per_image=11e9, total=15 * 2**30)
+  rows = [{"case": "vit_b16", "network_flops": 107e9},
+          {**point, "case": "vit_b16", "batch": 184, "fits": True, "flops_per_image": 106e9},
+          {**point, "case": "vit_b16 remat+scan", "batch": 640, "fits": True},
+          {**point, "case": "vit_b16 remat+scan", "batch": 672, "fits": False},
+          {**point, "case": "vit_b16 remat+scan", "generation": "v4", "batch": 1408, "fits": True}]
+  lines = memory_plan.table(rows).splitlines()[2:]
+  assert lines[0].startswith("| vit_b16 | v5e | 184 fits (larger not compiled) |")
+  assert lines[0].endswith("| 0.99 |")
+  assert not any(line.startswith("| vit_b16 | v4 |") for line in lines)  # v4 was not searched
+  assert "| vit_b16 remat+scan | v5e | 640 (672 does not fit) |" in lines[1]
+  assert all(line.endswith("| n/a (scan) |") for line in lines[1:]) and len(lines) == 3
