@@ -58,7 +58,7 @@ from train import chips
 from train.build import build_model, build_task, check_model
 from train.loop import MAX_STEPS_AHEAD
 from train.optim import create_optimizer
-from train.parallel import MeshExecutor, create_executor
+from train.parallel import create_executor
 from train.resolve import resolve
 
 MEMORY_LIMIT_ENV = "JAXVISION_MEMORY_LIMIT"
@@ -355,18 +355,9 @@ def _array_bytes(dtype: str, dims: str) -> int:
 def abstract_arguments(executor, train_spec: dict, eval_spec: dict) -> tuple[tuple, tuple]:
   """(train step arguments, eval step arguments) as ShapeDtypeStructs, placed as the
   executor places the real ones."""
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  if isinstance(executor, MeshExecutor):
-    state = executor.abstract_checkpoint
-    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=executor.replicated)
-    return ((state, executor.batch_spec(train_spec), rng),
-            (state, executor.batch_spec(eval_spec)))
-  n = len(executor.devices)  # pmap: a copy of the state per device, the batch in rows of n
-  state = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape), a.dtype),
-                       executor.abstract_state)
-  rows = lambda spec: {k: jax.ShapeDtypeStruct((n, s.shape[0] // n, *s.shape[1:]), s.dtype)
-                       for k, s in spec.items()}
-  return (state, rows(train_spec), key), (state, rows(eval_spec))
+  state = executor.abstract_state_argument()
+  return ((state, executor.batch_spec(train_spec), executor.abstract_rng()),
+          (state, executor.batch_spec(eval_spec)))
 
 
 def state_bytes(executor) -> dict[str, int]:

@@ -8,6 +8,7 @@ steps and never looks inside a batch or a model output.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
@@ -121,15 +122,28 @@ def _run(config, workdir, train_input, eval_input, model, task, executor,
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   base_key = jax.random.key(config.seed)
-  if state is None:
-    state = executor.init_state(jax.random.fold_in(base_key, 0x1217))
-    if config.init_from:
-      state = executor.from_checkpoint(
-          initialize_from(executor.to_checkpoint(state), config.init_from, config)
-      )
-  else:
-    state = executor.from_checkpoint(state)
-  step_key = jax.random.fold_in(base_key, 0x57E9)
+  source = prefetch_to_device(
+      train_input.train_batches(start_step), config.data.prefetch, executor.put_batch
+  )
+  try:
+    first = next(source) if start_step < total_steps else None
+    step_key = jax.random.fold_in(base_key, 0x57E9)
+    compiling = executor.compile_train_step(first, step_key) if first is not None else None
+    if state is None:
+      state = executor.init_state(jax.random.fold_in(base_key, 0x1217))
+      if config.init_from:
+        state = executor.from_checkpoint(
+            initialize_from(executor.to_checkpoint(state), config.init_from, config)
+        )
+    else:
+      state = executor.from_checkpoint(state)
+    if compiling is not None:
+      compiling.result()
+  except BaseException:
+    source.close()
+    manager.close()
+    raise
+  batches = itertools.chain([first] if first is not None else [], source)
 
   reporter = Reporter(workdir, total_steps, enabled=is_main, progress=config.progress,
                       start_step=start_step)
@@ -150,9 +164,6 @@ def _run(config, workdir, train_input, eval_input, model, task, executor,
 
   eval_metrics: dict[str, float] = {}
   evaluated_at = -1
-  batches = prefetch_to_device(
-      train_input.train_batches(start_step), config.data.prefetch, executor.put_batch
-  )
   pending: list[dict] = []
   window_start, data_wait = time.perf_counter(), 0.0
   step = start_step
@@ -210,7 +221,7 @@ def _run(config, workdir, train_input, eval_input, model, task, executor,
         reporter.write(step, "eval", eval_metrics)
       reporter.message(f"the run was already complete at step {step}: evaluated it again")
   finally:
-    batches.close()
+    source.close()
     try:
       ckpt.wait(manager)
     finally:

@@ -6,7 +6,10 @@ the mode:
   to_checkpoint(state) / from_checkpoint(state) / abstract_checkpoint (restore target)
   host_scalar(x): a scalar of the state on the host
   compiled_train_step / compiled_eval_step: the jitted (or pmapped) steps themselves, which
-  `train.bench` times and the dry run compiles ahead of time.
+  `train.bench` times and the dry run compiles ahead of time, from abstract arguments
+  (abstract_state_argument / batch_spec / abstract_rng) placed as the real ones;
+  compile_train_step(batch, rng): that compile on a background thread, overlapping the state's
+  initialisation or restore.
 Checkpoints hold one global copy of the state, so a run saved under one topology (devices,
 processes, mesh or pmap) restores under another.
 """
@@ -14,7 +17,9 @@ processes, mesh or pmap) restores under another.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
+import logging
 from collections.abc import Iterable, Iterator
 
 import jax
@@ -26,6 +31,8 @@ from jax.sharding import PartitionSpec as P
 from jaxvision.models.init import compile_once
 from train import step as step_lib
 from train.state import create_train_state
+
+log = logging.getLogger(__name__)
 
 # Leaves smaller than this stay replicated under FSDP: sharding them saves nothing.
 _FSDP_MIN_SIZE = 2**14
@@ -101,6 +108,27 @@ class _Executor:
     """A scalar of the state (e.g. `state.step`) as a Python number on the host."""
     return np.asarray(jax.device_get(self._unreplicate(x))).item()
 
+  def compile_train_step(self, batch, rng) -> concurrent.futures.Future:
+    """Compiles the train step for a batch from `put_batch` and the step's key, on another
+    thread, before the state exists (its abstract value stands in).
+
+    XLA compiles outside the GIL, so this compile overlaps the state's initialisation (its own
+    compile) or restore; the step's first call then finds the program in JAX's cache. A failure
+    here is only logged: the first call compiles again and reports it.
+    """
+    args = (self.abstract_state_argument(), batch, rng)
+
+    def compile_step():
+      try:
+        self.compiled_train_step.lower(*args).compile()
+      except Exception as e:  # noqa: BLE001 (the step's first call raises it properly)
+        log.debug("ahead-of-time compile of the train step failed: %s", e)
+
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
+    future = pool.submit(compile_step)
+    pool.shutdown(wait=False)
+    return future
+
 
 class MeshExecutor(_Executor):
   """`jax.jit` with NamedSharding over a ('data', 'fsdp') mesh; the batch is split over both axes.
@@ -174,6 +202,14 @@ class MeshExecutor(_Executor):
     return {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.batch_sharding)
             for k, s in spec.items()}
 
+  def abstract_state_argument(self):
+    """The state as the steps receive it, abstract: `abstract_checkpoint`."""
+    return self.abstract_checkpoint
+
+  def abstract_rng(self):
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=self.replicated)
+
   def from_checkpoint(self, state):
     """The state as restored (in `abstract_checkpoint`'s sharding): used as is."""
     return state
@@ -208,8 +244,10 @@ class PmapExecutor(_Executor):
         functools.partial(self._eval, axis_name=self.axis_name), axis_name=self.axis_name,
         devices=chosen,
     )
-    local_mesh = jax.sharding.Mesh(np.array(self.devices), ("d",))
-    self._batch_sharding = NamedSharding(local_mesh, P("d"))
+    # The axis is named as pmap names its outputs' axis: the state placed here and the state a
+    # step returns then have equal shardings, and the step compiles once, not twice.
+    local_mesh = jax.sharding.Mesh(np.array(self.devices), (self.axis_name,))
+    self._batch_sharding = NamedSharding(local_mesh, P(self.axis_name))
     self._on_every_device = NamedSharding(local_mesh, P())
     n = len(self.devices)
     self._first_copy = jax.jit(lambda tree: jax.tree.map(lambda x: x[0], tree),
@@ -244,6 +282,23 @@ class PmapExecutor(_Executor):
   def init_state(self, rng):
     """A fresh TrainState, one copy per local device."""
     return self.from_checkpoint(compile_once(self._init, rng)(rng))
+
+  def batch_spec(self, spec: dict) -> dict:
+    """Abstract batch of this process (ShapeDtypeStructs) -> rows of local devices, placed as
+    `put_batch` places them, for AOT compiles."""
+    n = len(self.devices)
+    return {k: jax.ShapeDtypeStruct((n, s.shape[0] // n, *s.shape[1:]), s.dtype,
+                                    sharding=self._batch_sharding) for k, s in spec.items()}
+
+  def abstract_state_argument(self):
+    """The state as the steps receive it, abstract: a copy per local device."""
+    n = len(self.devices)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape), a.dtype,
+                                                       sharding=self._batch_sharding),
+                        self.abstract_state)
+
+  def abstract_rng(self):
+    return jax.eval_shape(lambda: jax.random.key(0))
 
   def put_batch(self, batch: dict) -> dict:
     """Process-local numpy batch -> [local devices, per device, ...] arrays, one row per device."""
