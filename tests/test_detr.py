@@ -149,6 +149,7 @@ def _digit_batch(size=64):
   return images, boxes, classes, valid
 
 
+@pytest.mark.slow  # half a minute of compiles alone, a minute beside the suite's other workers
 def test_one_jitted_train_step_learns():
   model = create_model("detr_tiny", num_classes=4, dropout=0.0)
   images, boxes, classes, valid = _digit_batch()

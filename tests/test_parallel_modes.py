@@ -1,12 +1,21 @@
 """One step, several executions: pmap and mesh, FSDP, gradient accumulation, and checkpoints
 that move between device counts give the losses of a plain 4-device mesh run."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
 
 from conftest import final_params, read_metrics, small_config
 from train import loop
+from train.build import build_model, build_task
+from train.optim import create_optimizer
+from train.parallel import create_executor
+from train.resolve import resolve
+
+# The event JAX records each time it lowers a jitted program (jax.monitoring).
+LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 
 
 @pytest.mark.parametrize("parallel,num_devices", [
@@ -55,3 +64,30 @@ def test_checkpoint_from_4_devices_restores_elsewhere(tmp_path, num_devices, par
   ref = [r["loss"] for r in read_metrics(tmp_path / "ref")]
   moved = [r["loss"] for r in read_metrics(tmp_path / "moved")]
   np.testing.assert_allclose(moved, ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("parallel", ["mesh", "pmap"])
+def test_the_step_compiled_in_the_background_is_the_one_every_step_runs(parallel):
+  # The loop compiles the train step on a thread while the state is initialised; the steps
+  # must then lower nothing again (pmap once lowered a second program for the state its own
+  # first step returned, placed under another axis name).
+  config, train_input, _ = resolve(small_config(parallel=parallel, eval_split=""),
+                                   process_index=0, process_count=1)
+  task = build_task(config)
+  train_input.prepare = functools.partial(task.prepare, train=True)
+  executor = create_executor(config, build_model(config), create_optimizer(config), task)
+  batch = executor.put_batch(next(iter(train_input.train_batches(0))))
+  key = jax.random.key(1)
+  compiling = executor.compile_train_step(batch, key)
+  state = executor.init_state(jax.random.key(0))
+  compiling.result()
+  lowerings = []
+  listener = lambda event, duration, **kwargs: lowerings.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for _ in range(3):
+      state, metrics = executor.compiled_train_step(state, batch, key)
+    jax.block_until_ready(metrics)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert LOWERING_EVENT not in lowerings, lowerings

@@ -367,6 +367,7 @@ def _check_train_step(trainable):
   assert len(traces) == 1
 
 
+@pytest.mark.slow  # half a minute of compiles alone, a minute beside the suite's other workers
 def test_train_step_of_the_heads_jits_once_has_finite_grads_and_learns():
   # The backbone's backward doubles the compile time; the heads' step checks the rest.
   _check_train_step(("rpn", "box_heads", "mask_heads"))
