@@ -207,6 +207,7 @@ class MeshExecutor(_Executor):
     return self.abstract_checkpoint
 
   def abstract_rng(self):
+    """The step's key, abstract: replicated over the mesh."""
     key = jax.eval_shape(lambda: jax.random.key(0))
     return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=self.replicated)
 
@@ -298,6 +299,7 @@ class PmapExecutor(_Executor):
                         self.abstract_state)
 
   def abstract_rng(self):
+    """The step's key, abstract: one key, broadcast to every device by pmap (in_axes None)."""
     return jax.eval_shape(lambda: jax.random.key(0))
 
   def put_batch(self, batch: dict) -> dict:
