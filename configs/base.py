@@ -140,6 +140,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Test-time augmentation of evaluation: '' (off), 'dihedral' (the average over the 8
   # flips/rotations, as the U-Net paper's ISBI entry did) or 'hflip' (input and mirror image).
   c.seg.tta = ""
+  # Also average over the input translated by 0 or tta_shift pixels down and right (0: off); for
+  # per-patch decoders (Segmenter) half the patch size halves the grid the edges snap to.
+  c.seg.tta_shift = 0
   c.seg.overlays = 5  # eval examples saved as overlay PNGs in the workdir at the end (0: none)
 
   # --- Detection (task='detection': ssd*, retinanet*, fcos*, fasterrcnn*, maskrcnn*, detr*

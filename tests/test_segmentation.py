@@ -263,6 +263,36 @@ def test_hflip_tta_averages_the_input_and_its_mirror():
     tta_logits(_position_dependent, jnp.asarray(x), "vflip")
 
 
+def _translated_reference(apply_fn, x, versions, shift):
+  """The shifted average written out with loops: every pixel over the versions that cover it."""
+  b, h, w, _ = x.shape
+  total, count = 0.0, np.zeros((h, w, 1))
+  padded = np.pad(x, ((0, 0), (shift, 0), (shift, 0), (0, 0)), mode="reflect")
+  for dy in (0, shift):
+    for dx in (0, shift):
+      version = padded[:, shift - dy:shift - dy + h, shift - dx:shift - dx + w]
+      probs = np.exp(np.asarray(tta_logits(apply_fn, jnp.asarray(version), versions)))
+      moved = np.zeros_like(probs)
+      moved[:, :h - dy, :w - dx] = probs[:, dy:, dx:]  # version pixel (a+dy, b+dx) is input (a, b)
+      total = total + moved
+      count[:h - dy, :w - dx] += 1
+  return total / count
+
+
+def test_shifted_tta_averages_the_translated_versions_moved_back():
+  x = np.random.default_rng(5).normal(size=(2, 7, 6, 1)).astype(np.float32)
+  for versions in ("none", "hflip"):
+    np.testing.assert_allclose(
+        np.exp(tta_logits(_position_dependent, jnp.asarray(x), versions, shift=2)),
+        _translated_reference(_position_dependent, x, versions, 2), rtol=1e-5, atol=1e-6)
+  # A pointwise model predicts the same pixel the same wherever it sits: nothing changes.
+  pointwise = lambda images: jnp.concatenate([images, -images], -1)  # noqa: E731
+  np.testing.assert_allclose(tta_logits(pointwise, jnp.asarray(x), "none", shift=3),
+                             jax.nn.log_softmax(pointwise(jnp.asarray(x))), atol=1e-5)
+  with pytest.raises(ValueError, match="test-time shift 6"):
+    tta_logits(pointwise, jnp.asarray(x), "none", shift=6)
+
+
 def test_task_evaluates_the_dihedral_average_when_configured():
   c = seg_config(3)
   x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 4, 4, 1)), jnp.float32)
@@ -275,7 +305,16 @@ def test_task_evaluates_the_dihedral_average_when_configured():
   c.seg.tta = "hflip"
   np.testing.assert_allclose(create_task(c).predict(_position_dependent, {"image": x}),
                              tta_logits(_position_dependent, x, "hflip"))
-  c.seg.tta = "rot45"
+  c.seg.tta_shift = 2
+  np.testing.assert_allclose(create_task(c).predict(_position_dependent, {"image": x}),
+                             tta_logits(_position_dependent, x, "hflip", shift=2))
+  c.seg.tta = ""
+  np.testing.assert_allclose(create_task(c).predict(_position_dependent, {"image": x}),
+                             tta_logits(_position_dependent, x, "none", shift=2))
+  c.seg.tta_shift = -1
+  with pytest.raises(ValueError, match="seg.tta_shift=-1"):
+    create_task(c)
+  c.seg.tta, c.seg.tta_shift = "rot45", 0
   with pytest.raises(ValueError, match="seg.tta='rot45'"):
     create_task(c)
 

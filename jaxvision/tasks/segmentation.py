@@ -43,6 +43,8 @@ class SegmentationTask(TaskBase):
     class_weights: per-class weights of the cross-entropy terms, or None.
     test_time_augment: '' (off), or evaluate the average over flipped/rotated versions:
       'dihedral' (the 8 flips/rotations) or 'hflip' (`tta.tta_logits`).
+    test_time_shift: s > 0 also averages over the input translated by 0 or s pixels down and
+      right (`tta.tta_logits`' shift), with or without `test_time_augment`.
     weight_map: (w0, sigma) of the U-Net paper's border weight map added to training batches,
       or None.
     overlays: eval examples drawn as overlay PNGs at the end of a run.
@@ -53,6 +55,7 @@ class SegmentationTask(TaskBase):
   loss_terms: tuple[str, ...] = ("cross_entropy",)
   class_weights: tuple[float, ...] | None = None
   test_time_augment: str = ""
+  test_time_shift: int = 0
   weight_map: tuple[float, float] | None = None
   overlays: int = 0
   image_shape: tuple[int, int, int] = (64, 64, 1)
@@ -68,6 +71,8 @@ class SegmentationTask(TaskBase):
     if self.test_time_augment and self.test_time_augment not in TTA_VERSIONS:
       raise ValueError(f"seg.tta={self.test_time_augment!r}: choose '' (off), "
                        f"{' or '.join(repr(v) for v in TTA_VERSIONS)}")
+    if self.test_time_shift < 0:
+      raise ValueError(f"seg.tta_shift={self.test_time_shift} must be >= 0 pixels (0: off)")
     if self.class_weights is not None and len(self.class_weights) != self.num_classes:
       raise ValueError(f"seg.class_weights has {len(self.class_weights)} values for "
                        f"{self.num_classes} classes")
@@ -83,8 +88,8 @@ class SegmentationTask(TaskBase):
     weights = tuple(float(w) for w in weights) if weights not in ("", None, ()) else None
     weight_map = ((float(seg.weight_map_w0), float(seg.weight_map_sigma))
                   if seg.weight_map else None)
-    return cls(int(config.num_classes), terms, weights, str(seg.tta), weight_map,
-               int(seg.overlays), image_shape=tuple(config.data_info.image_shape))
+    return cls(int(config.num_classes), terms, weights, str(seg.tta), int(seg.tta_shift),
+               weight_map, int(seg.overlays), image_shape=tuple(config.data_info.image_shape))
 
   @property
   def metric_names(self) -> tuple[str, ...]:
@@ -165,8 +170,9 @@ class SegmentationTask(TaskBase):
 
   def predict(self, forward, batch: dict) -> jax.Array:
     """The logits that evaluation scores: one forward pass, or its test-time average."""
-    if self.test_time_augment:
-      return tta_logits(forward, batch["image"], self.test_time_augment)
+    if self.test_time_augment or self.test_time_shift:
+      return tta_logits(forward, batch["image"], self.test_time_augment or "none",
+                        self.test_time_shift)
     return forward(batch["image"])
 
   def eval_sums(self, logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
