@@ -3,6 +3,7 @@ decoders against a numpy reference, real forward/backward, other input sizes, sl
 inference, ViT weights into the encoder, and the mask transformer's per-class maps."""
 
 import math
+import os
 
 import chex
 import jax
@@ -389,3 +390,25 @@ def test_class_masks_and_class_attention_maps_and_figure():
     mask_attention.class_masks(create_model("segmenter_linear_tiny"), variables, images)
   with pytest.raises(ValueError, match="layer=2"):
     mask_attention.class_attention(model, variables, images, layer=2)
+
+
+def test_viz_masks_draws_both_views_over_training_size_crops(tmp_path):
+  import ml_collections
+
+  from train import viz
+  from train.build import Run
+
+  model = create_model("segmenter_mask_tiny", num_classes=2, image_size=32)
+  variables = {"params": _random_params(model, (1, 32, 32, 3), seed=11)}
+  config = ml_collections.ConfigDict({"model": "segmenter_mask_tiny", "num_classes": 2,
+                                      "data_info": {"class_names": ["membrane", "interior"]}})
+  images = _images(2, 48, 40, seed=12)
+  crops = viz._training_crops(images, model.image_size)
+  np.testing.assert_array_equal(crops, images[:, 8:40, 4:36])  # centred 32x32 crops
+  run = Run(config, model, None, variables, 0)
+  paths = viz.class_mask_pictures(run, images, str(tmp_path), dpi=30)
+  assert [os.path.basename(p) for p in paths] == ["masks_attention.png", "masks_similarity.png"]
+  assert all(os.path.getsize(p) > 0 for p in paths)
+  linear = Run(config, create_model("segmenter_linear_tiny", num_classes=2), None, variables, 0)
+  with pytest.raises(ValueError, match="decoder='linear'"):
+    viz.class_mask_pictures(linear, images, str(tmp_path), dpi=30)

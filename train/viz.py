@@ -8,6 +8,9 @@ KIND is one of
   confusion     confusion matrix with per-class precision and recall over the eval split
   curves        training curves from WORKDIR/metrics.jsonl (no checkpoint needed)
   segmentation  image | mask | prediction | errors for eval images of a segmentation run
+  masks         a mask-transformer Segmenter (segmenter_mask_*) over training-size crops of
+                eval images: each class embedding's attention over the patches, and each
+                patch's similarity with each class embedding (two PNGs)
   boxes         eval images of a detection run with its detections (class name, score; instance
                 masks filled in for Mask R-CNN) and the ground truth (white), one PNG each
                 (--min-score hides weaker detections)
@@ -37,14 +40,14 @@ import numpy as np
 from jaxvision.data import create_input
 from jaxvision.detection.draw import save_detections
 from jaxvision.detection.masks import paste_masks_numpy
-from jaxvision.interpret import attention
+from jaxvision.interpret import attention, mask_attention
 from jaxvision.interpret.confusion import confusion_matrix, per_class_metrics
 from jaxvision.interpret.gradcam import gradcam
 from jaxvision.interpret.posemb import model_posemb, posemb_similarity
 from train.build import load_run
 
 KINDS = ("gradcam", "attention", "rollout", "posemb", "confusion", "curves", "segmentation",
-         "boxes", "captions")
+         "masks", "boxes", "captions")
 
 
 # Examples read to choose the drawn ones from: enough to find every class of a large split.
@@ -174,6 +177,40 @@ def caption_pictures(run_, split: str, num: int, out: str) -> list[str]:
   return task.save_pictures(os.path.join(out, "caption_"), {"image": images}, predictions)
 
 
+def _training_crops(images: np.ndarray, size) -> np.ndarray:
+  """The centre crop of each image at the model's training size (the whole image if smaller)."""
+  h, w = (size, size) if isinstance(size, int) else tuple(size)
+  top, left = max(images.shape[1] - h, 0) // 2, max(images.shape[2] - w, 0) // 2
+  return images[:, top:top + h, left:left + w]
+
+
+def class_mask_pictures(run_, images: np.ndarray, out: str, dpi: int) -> list[str]:
+  """Two PNGs of a mask-transformer Segmenter over training-size crops of `images`: each class
+  embedding's attention over the patches in the last decoder layer, and each patch's cosine
+  similarity with each class embedding (the masks before the mask norm)."""
+  from jaxvision.interpret import plots
+
+  config, model, variables = run_.config, run_.model, run_.variables
+  mask_attention.check_model(model)
+  crops = _training_crops(images, model.image_size)
+  names = class_names(config, int(config.num_classes))
+  views = (
+      ("attention", mask_attention.class_attention,
+       "where each class embedding reads its evidence: its attention over the patches in the "
+       "last decoder layer, head mean (red: most)"),
+      ("similarity", mask_attention.class_masks,
+       "each patch's cosine similarity with each class embedding, the masks before the mask "
+       "norm (red: similar, blue: opposite)"),
+  )
+  paths = []
+  for name, view, what in views:
+    fig = mask_attention.mask_attention_figure(
+        crops, view(model, variables, crops), class_names=names, dpi=dpi,
+        title=f"{config.model}: {what}")
+    paths.append(plots.save_figure(fig, os.path.join(out, f"masks_{name}.png")))
+  return paths
+
+
 def run(kind: str, args) -> list[str]:
   """Draws figure `kind` for the run in args.workdir; returns the written paths."""
   from jaxvision.interpret import plots
@@ -260,6 +297,9 @@ def run(kind: str, args) -> list[str]:
                  f"(example {i}, true {names[data['label'][i]]}; each map scaled to its maximum)"))
       paths.append(plots.save_figure(fig, os.path.join(out, f"attention_{i:03d}.png")))
     return paths
+
+  if kind == "masks":
+    return class_mask_pictures(run_, images, out, args.dpi)
 
   if kind == "segmentation":
     logits = _predict(model, variables, images, batch)

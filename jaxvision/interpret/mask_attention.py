@@ -21,6 +21,7 @@ to see exactly what the trained model sees.
 from __future__ import annotations
 
 import functools
+import textwrap
 from collections.abc import Sequence
 
 import jax
@@ -31,11 +32,16 @@ from jaxvision.interpret.plots import display_image, new_figure
 from jaxvision.models.segmenter import Segmenter, upsample_logits
 
 
-def _check(model, images) -> jax.Array:
+def check_model(model) -> None:
+  """A one-line error unless `model` is a Segmenter with the mask-transformer decoder."""
   if not isinstance(model, Segmenter) or model.decoder != "mask":
     name = type(model).__name__ + (f"(decoder={model.decoder!r})"
                                    if isinstance(model, Segmenter) else "")
     raise ValueError(f"mask attention needs a Segmenter with decoder='mask', got {name}")
+
+
+def _check(model, images) -> jax.Array:
+  check_model(model)
   images = jnp.asarray(images)
   if images.ndim != 4:
     raise ValueError(f"mask attention expects [N, H, W, C] images, got shape {images.shape}")
@@ -122,7 +128,11 @@ def mask_attention_figure(
     cmap, vmin, vmax = "RdBu_r", -peak, peak
   else:
     cmap, vmin, vmax = "jet", 0.0, peak
-  fig = new_figure((k + 1) * cell_inches, n * cell_inches + (0.45 if title else 0.25), dpi)
+  width = (k + 1) * cell_inches
+  # The title wraps to the figure's width (about 13 characters an inch at 9 pt).
+  title = textwrap.fill(title, max(20, int(width * 13))) if title else None
+  title_inches = 0.16 * (title.count("\n") + 1) if title else 0.0
+  fig = new_figure(width, n * cell_inches + 0.25 + title_inches, dpi)
   for i in range(n):
     shown = display_image(images[i])
     gray = "gray" if shown.ndim == 2 else None
@@ -137,5 +147,6 @@ def mask_attention_figure(
         ax.set_title("image" if j == 0 else names[j - 1], fontsize=7)
   if title:
     fig.suptitle(title, fontsize=9)
-  fig.tight_layout(pad=0.3, rect=(0, 0, 1, 1 - (0.3 / fig.get_size_inches()[1] if title else 0)))
+  fig.tight_layout(pad=0.3, rect=(0, 0, 1, 1 - (0.05 + title_inches) / fig.get_size_inches()[1]
+                                  if title else 1))
   return fig
