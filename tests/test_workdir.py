@@ -202,13 +202,30 @@ def test_a_full_disk_stops_at_the_save_and_keeps_the_last_checkpoint(tmp_path, m
   assert sorted(os.listdir(path / "checkpoints")) == ["10"]
 
 
-def _signal_during_start_up(cache, path, signals_: list[int], delay: float):
+def _wait_for_handlers(proc) -> None:
+  """Returns once `proc` catches SIGTERM (its SigCgt mask in /proc): `python -m train` installs
+  its handlers before its heavy imports, so from then on the run is in its start-up, and a
+  fixed delay would instead race a fast host's first step."""
+  if not os.path.exists(f"/proc/{proc.pid}/status"):
+    proc.kill()
+    pytest.skip("needs Linux's /proc to see when the trainer's signal handlers are in place")
+  deadline = time.monotonic() + TIMEOUT
+  while time.monotonic() < deadline and proc.poll() is None:
+    with open(f"/proc/{proc.pid}/status") as f:
+      caught = next(int(ln.split()[1], 16) for ln in f if ln.startswith("SigCgt:"))
+    if caught & (1 << (signal.SIGTERM - 1)):
+      return
+    time.sleep(0.005)
+  raise AssertionError("the trainer never installed its SIGTERM handler")
+
+
+def _signal_during_start_up(cache, path, signals_: list[int]):
   proc = subprocess.Popen(command(path), cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, env=cached_env(cache, 1))
-  time.sleep(delay)
+  _wait_for_handlers(proc)
   for i, sig in enumerate(signals_):
     if i:
-      time.sleep(0.5)
+      time.sleep(0.2)
     proc.send_signal(sig)
   out, err = proc.communicate(timeout=TIMEOUT)
   return proc.returncode, out, err
@@ -218,20 +235,20 @@ def _signal_during_start_up(cache, path, signals_: list[int], delay: float):
                                       [signal.SIGINT]])
 def test_stop_signals_during_start_up_exit_zero_and_write_nothing(tmp_path, compile_cache,
                                                                   signals_):
-  code, _, err = _signal_during_start_up(compile_cache, tmp_path / "w", signals_, delay=1.5)
+  code, _, err = _signal_during_start_up(compile_cache, tmp_path / "w", signals_)
   assert code == 0, err
   assert "during start-up: no step was trained, nothing to save; exiting" in err
   assert not error_lines(subprocess.CompletedProcess([], 0, "", err))
   assert not (tmp_path / "w" / "checkpoints").exists()
 
 
-def test_sigterm_while_resuming_leaves_the_restored_checkpoint_untouched(tmp_path, compile_cache,
-                                                                        finished):
+def test_sigterm_in_a_resumed_runs_start_up_leaves_its_checkpoint_untouched(tmp_path,
+                                                                           compile_cache,
+                                                                           finished):
   path = tmp_path / "w"
   shutil.copytree(finished, path)
   before = snapshot(path / "checkpoints")
-  code, _, err = _signal_during_start_up(compile_cache, path, [signal.SIGTERM],
-                                         delay=1.5)
+  code, _, err = _signal_during_start_up(compile_cache, path, [signal.SIGTERM])
   assert code == 0, err
   assert "nothing to save; exiting" in err
   assert snapshot(path / "checkpoints") == before
