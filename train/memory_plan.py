@@ -124,7 +124,9 @@ def compile_once(case: Case, generation: str, batch: int, hlo_dir: str = "") -> 
       f.write(run.compiled["train"].as_text())
   return {
       "case": case.name, "generation": generation, "target": target, "batch": batch,
-      "fits": not step.error and step.total <= limit, "total": step.total or None,
+      # A refused compile's need is the compiler's own figure: its report has no buffers.
+      "fits": not step.error and step.total <= limit,
+      "total": (step.required if step.error else step.total) or None,
       "temporaries": step.temporaries, "fixed": (step.arguments - batch_bytes + step.outputs
                                                  - step.aliased + step.code) if not step.error
       else None,
