@@ -44,6 +44,7 @@ from jaxvision.interpret import attention, mask_attention
 from jaxvision.interpret.confusion import confusion_matrix, per_class_metrics
 from jaxvision.interpret.gradcam import gradcam
 from jaxvision.interpret.posemb import model_posemb, posemb_similarity
+from jaxvision.tasks.segmentation import center_crop
 from train.build import load_run
 
 KINDS = ("gradcam", "attention", "rollout", "posemb", "confusion", "curves", "segmentation",
@@ -180,8 +181,7 @@ def caption_pictures(run_, split: str, num: int, out: str) -> list[str]:
 def _training_crops(images: np.ndarray, size) -> np.ndarray:
   """The centre crop of each image at the model's training size (the whole image if smaller)."""
   h, w = (size, size) if isinstance(size, int) else tuple(size)
-  top, left = max(images.shape[1] - h, 0) // 2, max(images.shape[2] - w, 0) // 2
-  return images[:, top:top + h, left:left + w]
+  return center_crop(images, min(h, images.shape[1]), min(w, images.shape[2]))
 
 
 def class_mask_pictures(run_, images: np.ndarray, out: str, dpi: int) -> list[str]:

@@ -79,16 +79,16 @@ def _shifted_mean_probabilities(apply_fn, images: jax.Array, versions: str,
     # version[i, j] = images[i - dy, j - dx]: the content moves down and right.
     version = lax.dynamic_slice(padded, (0, shift - dy, shift - dx, 0), images.shape)
     probs = _mean_probabilities(apply_fn, version, versions)
-    h, w = probs.shape[1:3]
-    # Its output pixel (a + dy, b + dx) predicts the input's (a, b); beyond the edge: nothing.
+    # Its output pixel (a + dy, b + dx) predicts the input's (a, b); beyond the edge: zeros.
     grown = jnp.pad(probs, ((0, 0), (0, shift), (0, shift), (0, 0)))
-    back = lax.dynamic_slice(grown, (0, dy, dx, 0), probs.shape)
-    covered = lax.dynamic_slice(jnp.pad(jnp.ones((h, w), jnp.float32), ((0, shift), (0, shift))),
-                                (dy, dx), (h, w))
-    return back, covered
+    return lax.dynamic_slice(grown, (0, dy, dx, 0), probs.shape)
 
-  backs, covered = lax.map(moved_back, offsets)
-  return jnp.sum(backs, 0) / jnp.sum(covered, 0)[None, :, :, None]
+  total = jnp.sum(lax.map(moved_back, offsets), 0)
+  # The versions covering pixel (a, b): (1 + [a < h - shift]) * (1 + [b < w - shift]).
+  h, w = total.shape[1:3]
+  rows = 1.0 + (jnp.arange(h) < h - shift)
+  cols = 1.0 + (jnp.arange(w) < w - shift)
+  return total / (rows[:, None] * cols[None, :])[None, :, :, None]
 
 
 def tta_logits(apply_fn: Callable[[jax.Array], jax.Array], images: jax.Array,
