@@ -17,10 +17,12 @@ import subprocess
 import sys
 import types
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from conftest import cached_env, small_config
-from train import chips, dry_run
+from train import chips, dry_run, memory_plan
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -188,8 +190,6 @@ def test_notebook_tpu_configs_fit_colab_tpus(name, target, capsys):
 
 
 def test_memory_plan_table_reports_only_compiled_bounds():
-  from train import memory_plan
-
   point = dict(generation="v5e", limit=16 * 2**30, compile_s=100.0, compile_cpu_s=90.0,
                flops_per_image=11e9, total=15 * 2**30)
   rows = [{"case": "vit_b16", "network_flops": 107e9},
@@ -203,3 +203,32 @@ def test_memory_plan_table_reports_only_compiled_bounds():
   assert not any(line.startswith("| vit_b16 | v4 |") for line in lines)  # v4 was not searched
   assert "| vit_b16 remat+scan | v5e | 640 (672 does not fit) |" in lines[1]
   assert all(line.endswith("| n/a (scan) |") for line in lines[1:]) and len(lines) == 3
+
+
+def test_memory_plan_counts_the_products_of_convolutions_and_dots_as_xla_does():
+  def conv(x, w):  # strided, padded unevenly, dilated: taps that meet padding do no work
+    return jax.lax.conv_general_dilated(x, w, (2, 2), ((1, 2), (0, 1)), rhs_dilation=(2, 1),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def up(x, k):  # the U-Net's 2x2 up-convolution as a product (a 6-D result)
+    return jnp.einsum("nhwc,aboc->nhawbo", x, k)
+
+  x, w, k = jnp.ones((2, 17, 13, 3)), jnp.ones((3, 3, 3, 8)), jnp.ones((2, 2, 5, 3))
+  for fn, args in ((conv, (x, w)), (up, (x, k))):
+    compiled = jax.jit(fn).lower(*args).compile()
+    ops = memory_plan.matrix_ops(compiled.as_text())
+    assert len(ops) == 1 and ops[0].flops == compiled.cost_analysis()["flops"]
+  forward = memory_plan.matrix_ops(jax.jit(conv).lower(x, w).compile().as_text())[0].flops
+
+  # Both gradients are convolutions over the same products (one with lhs dilation, the
+  # strided forward transposed), so each counts what the forward does.
+  loss = lambda x, w: jnp.sum(conv(x, w) ** 2)
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+  ops = memory_plan.matrix_ops(hlo)
+  assert [op.flops for op in ops] == [forward] * 3
+  report = memory_plan.ops_report(hlo)
+  # XLA:CPU keeps no op name on the kernel's gradient.
+  assert "backward 0.0 GFLOP in 1 ops, forward 0.0 GFLOP in 1 ops, unnamed 0.0 GFLOP in 1 ops" \
+      in report and "(forward): 3 -> 8, [2, 8, 6, 8]" in report
+  assert memory_plan._layer("jit(train_step)/transpose(jvp(UNet))/up3/conv/"
+                            "nhwc,aboc->nhawbo/dot_general") == ("up3/conv", "backward")

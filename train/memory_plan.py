@@ -4,6 +4,7 @@ TPU generation (the "TPU memory plan" table of BENCHMARKS.md).
     python -m train.memory_plan --out runs/memory_plan.jsonl
     python -m train.memory_plan --cases vit_b16 --generations v5e,v6e --out plan.jsonl
     python -m train.memory_plan --table runs/memory_plan.jsonl      # the Markdown table only
+    python -m train.memory_plan --ops HLO_DIR/unet-v5e-4.hlo.txt.gz --out runs/memory_plan.jsonl
 
 Each case is an experiment config as it trains (its optimizer, EMA, mixup, drop-path, bf16),
 with its data described by a synthetic set of the same image shape and class count (ImageNet's
@@ -274,17 +275,18 @@ class MatrixOp:
     name: the instruction's name.
     kind: 'convolution' or 'dot'.
     out: the result's shape.
-    contraction: elements summed per output element (kernel window x input features, or the
-      contracted dims of a dot).
-    features: (input features, output features) of a convolution's kernel (the contracted and
-      the kept dims that meet the MXU's width); for a dot, (contracted, last output dim).
+    contraction: products summed per output element, on average (a convolution's input
+      features x the window taps that meet real input, padding and dilation holes left out;
+      the contracted dims of a dot).
+    features: (input features, output features) of a convolution's kernel; for a dot,
+      (contracted elements, last output dim).
     op_name: the JAX operation it comes from (the metadata's op_name).
   """
 
   name: str
   kind: str
   out: tuple[int, ...]
-  contraction: int
+  contraction: float
   features: tuple[int, int]
   op_name: str
 
@@ -292,13 +294,6 @@ class MatrixOp:
   def flops(self) -> float:
     """2 x output elements x contraction: the logical FLOPs."""
     return 2.0 * math.prod(self.out) * self.contraction
-
-  def padded_flops(self, width: int) -> float:
-    """FLOPs with the contraction and the output features rounded up to the MXU width: the
-    work of an MXU that is `width` wide on both sides."""
-    pad = lambda d: -(-d // width) * width
-    o = self.features[1]
-    return self.flops * pad(self.contraction) / self.contraction * pad(o) / o
 
 
 def _type_and_opcode(rest: str) -> tuple[str, str, str]:
@@ -316,6 +311,30 @@ def _type_and_opcode(rest: str) -> tuple[str, str, str]:
   rest = rest.lstrip()
   opcode, _, args = rest.partition("(")
   return type_text, opcode.strip(), args
+
+
+def _window(args: str, rank: int) -> list[tuple[int, int, int, int, int]]:
+  """(size, low padding, stride, lhs dilation, rhs dilation) per spatial dim of a convolution's
+  `window={...}` attribute."""
+  text = (re.search(r"window=\{([^}]*)\}", args) or re.search("()", "")).group(1)
+  fields = dict(f.split("=", 1) for f in text.split() if "=" in f)
+  ints = lambda key, default: ([int(v) for v in fields[key].split("x")] if key in fields
+                               else [default] * rank)
+  pads = ([int(p.split("_")[0]) for p in fields["pad"].split("x")] if "pad" in fields
+          else [0] * rank)
+  return list(zip(ints("size", 1), pads, ints("stride", 1), ints("lhs_dilate", 1),
+                  ints("rhs_dilate", 1), strict=True))
+
+
+def _real_taps(size_in: int, window: int, pad_lo: int, stride: int, lhs_dilate: int,
+               rhs_dilate: int, size_out: int) -> int:
+  """Window taps, summed over the output positions of one spatial dim, that meet a real input
+  element: not padding, not a hole of an lhs dilation (how XLA writes transposed
+  convolutions and some dots as convolutions)."""
+  position = (np.arange(size_out)[:, None] * stride + np.arange(window)[None, :] * rhs_dilate
+              - pad_lo)
+  real = (position >= 0) & (position <= (size_in - 1) * lhs_dilate) & (position % lhs_dilate == 0)
+  return int(real.sum())
 
 
 def matrix_ops(hlo_text: str) -> list[MatrixOp]:
@@ -342,17 +361,16 @@ def matrix_ops(hlo_text: str) -> list[MatrixOp]:
       labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", args)
       if not labels:
         continue
-      kernel = labels.group(2)
-      # Each output element sums over the window's taps that meet real input elements: with
-      # lhs_dilate (how XLA writes batched matmuls as convolutions, a window as wide as the
-      # dilation) only every d-th tap does.
-      window = re.search(r"size=([0-9x]+)", args)
-      dilate = re.search(r"lhs_dilate=([0-9x]+)", args)
-      sizes = [int(d) for d in window.group(1).split("x")] if window else []
-      dilations = [int(d) for d in dilate.group(1).split("x")] if dilate else [1] * len(sizes)
-      spatial = math.prod(-(-k // d) for k, d in zip(sizes, dilations, strict=True))
+      lhs_labels, kernel, out_labels = labels.groups()
+      window = _window(args, sum(c.isdigit() for c in kernel))
+      taps = 1
+      for d, (size, pad_lo, stride, lhs_dilate, rhs_dilate) in enumerate(window):
+        taps *= _real_taps(lhs[lhs_labels.index(str(d))], size, pad_lo, stride, lhs_dilate,
+                           rhs_dilate, out[out_labels.index(str(d))])
       i, o = rhs[kernel.index("i")], rhs[kernel.index("o")]
-      ops.append(MatrixOp(name, opcode, out, spatial * i, (i, o), op_name))
+      spatial_out = math.prod(out[out_labels.index(c)] for c in out_labels if c.isdigit())
+      # `taps` sums over output positions already: per output element it is taps / positions.
+      ops.append(MatrixOp(name, opcode, out, i * taps / max(spatial_out, 1), (i, o), op_name))
     else:
       contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", args)
       dims = [int(d) for d in contracting.group(1).split(",") if d] if contracting else []
@@ -361,36 +379,42 @@ def matrix_ops(hlo_text: str) -> list[MatrixOp]:
   return ops
 
 
-def _layer_kind(op_name: str) -> str:
-  """'blocks_*/mlp/fc*' (+ ' (backward)') from a JAX op name: the layer, its index dropped."""
-  path = op_name.split("/")
-  backward = any(p.startswith("transpose(") for p in path)
-  layer = "/".join(path[-3:-1]) if len(path) > 2 else op_name
-  return re.sub(r"[0-9]+", "*", layer) + (" (backward)" if backward else "")
+def _layer(op_name: str) -> tuple[str, str]:
+  """(the layer's module path, its pass: 'forward', 'backward', or 'unnamed' for an op that
+  has no JAX op name) from a name such as
+  'jit(train_step)/transpose(jvp(UNet))/dec0/conv1/conv_general_dilated'."""
+  if not op_name:
+    return "", "unnamed"
+  parts = op_name.split("/")
+  backward = any(p.startswith("transpose(") for p in parts)
+  # Wrappers ('jit(...)', 'jvp(...)'), einsum specs and the primitive name are not the layer.
+  layer = [p for p in parts[:-1] if not re.match(r"^[\w<>-]*\(", p) and "->" not in p]
+  return "/".join(layer) or op_name, "backward" if backward else "forward"
 
 
-def ops_report(hlo_text: str, compiled_flops: float | None, width: int, top: int = 12) -> str:
-  """Where a compiled step's FLOPs go: its convolutions and dots, the rest (elementwise,
-  reductions), and what rounding their feature dims up to the MXU width would add."""
+def ops_report(hlo_text: str, compiled_flops: float | None = None, top: int = 12) -> str:
+  """Where a compiled step's FLOPs go: its convolutions and dots per layer and pass, against
+  XLA's count for the whole step (the rest: elementwise ops and reductions). A layer that the
+  compiler recomputes to save memory shows more ops than its passes need."""
   ops = matrix_ops(hlo_text)
   total = sum(op.flops for op in ops)
-  padded = sum(op.padded_flops(width) for op in ops)
-  lines = [f"convolutions and dots: {len(ops)}, {total / 1e9:.1f} GFLOP"
-           + (f" of XLA's {compiled_flops / 1e9:.1f} GFLOP for the step (the rest: elementwise "
-              f"ops and reductions, {(compiled_flops - total) / 1e9:.1f})" if compiled_flops
-              else ""),
-           f"with feature dims rounded up to the MXU width {width}: {padded / 1e9:.1f} GFLOP "
-           f"({padded / max(total, 1):.2f}x)",
-           f"{'GFLOP':>9} {'x MXU':>6}  op (features in -> out, output shape, JAX op)"]
-  grouped: dict[tuple, list[MatrixOp]] = {}
+  groups: dict[tuple[str, str], list[MatrixOp]] = {}
   for op in ops:
-    grouped.setdefault((op.kind, op.features, op.out, _layer_kind(op.op_name)), []).append(op)
-  rows = sorted(grouped.items(), key=lambda kv: -sum(o.flops for o in kv[1]))
-  for (kind, (i, o), out, where), members in rows[:top]:
-    flops = sum(m.flops for m in members)
-    factor = members[0].padded_flops(width) / members[0].flops
-    lines.append(f"{flops / 1e9:>9.1f} {factor:>6.2f}  {len(members):>3} x {kind} {i} -> {o}, "
-                 f"out {list(out)}, {where}")
+    groups.setdefault(_layer(op.op_name), []).append(op)
+  passes: dict[str, list[MatrixOp]] = {}
+  for (_, kind), members in groups.items():
+    passes.setdefault(kind, []).extend(members)
+  lines = [f"convolutions and dots: {len(ops)} ops, {total / 1e9:.1f} GFLOP" + (
+      f" of XLA's {compiled_flops / 1e9:.1f} for the step (the rest, elementwise ops and "
+      f"reductions: {(compiled_flops - total) / 1e9:.1f})" if compiled_flops else ""),
+           ", ".join(f"{kind} {sum(op.flops for op in members) / 1e9:.1f} GFLOP in "
+                     f"{len(members)} ops" for kind, members in sorted(passes.items())),
+           f"{'GFLOP':>9} {'ops':>4}  layer (pass): features in -> out, output shape"]
+  rows = sorted(groups.items(), key=lambda kv: -sum(op.flops for op in kv[1]))
+  for (layer, kind), members in rows[:top]:
+    first = members[0]
+    lines.append(f"{sum(op.flops for op in members) / 1e9:>9.1f} {len(members):>4}  {layer} "
+                 f"({kind}): {first.features[0]} -> {first.features[1]}, {list(first.out)}")
   return "\n".join(lines)
 
 
@@ -414,6 +438,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="before each compile, wait while this file exists (to lend a shared host "
                  "to something else between compiles)")
   p.add_argument("--table", default="", help="print the table of an --out file and exit")
+  p.add_argument("--ops", default="", help="print where the FLOPs of a step saved by --hlo-dir "
+                 "go (per layer and pass) and exit; with --out, against XLA's count for it")
   args = p.parse_args(argv)
   for name in args.cases.split(","):
     if name not in CASES:
@@ -433,6 +459,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   if path and os.path.exists(path):
     with open(path) as f:
       rows = [json.loads(line) for line in f if line.strip()]
+  if args.ops:
+    with (gzip.open if args.ops.endswith(".gz") else open)(args.ops, "rt") as f:
+      hlo_text = f.read()
+    # The file's name is the compile's: CASE-GENERATION-BATCH.hlo.txt.gz.
+    name = os.path.basename(args.ops).split(".hlo")[0]
+    step_flops = next((r["flops_per_image"] * r["batch"] for r in rows if "batch" in r and r[
+        "flops_per_image"] and f"{r['case'].replace(' ', '_')}-{r['generation']}-{r['batch']}"
+        == name), None)
+    print(ops_report(hlo_text, step_flops))
+    return 0
 
   def write(row: dict) -> None:
     rows.append(row)

@@ -94,7 +94,7 @@ class Predictor:
     return cls(run.model, run.variables, run.task, str(config.task),
                tuple(int(d) for d in config.data_info.image_shape), config.data,
                tuple(str(n) for n in config.data_info.class_names), int(config.num_classes),
-               int(config.eval_batch_size or config.batch_size))
+               int(config.eval_batch_size))
 
   @classmethod
   def from_pretrained(cls, name: str, spec, **model_kwargs) -> Predictor:

@@ -272,7 +272,7 @@ def initialize_from(state, init_from: str, config):
   fresh_params = flatten(state.params)
   loaded_params = _match_block_layout(loaded_params, fresh_params)
   prefix, grid = _vit_geometry(config, fresh_params)
-  skip = config.get("init_skip", "") or ""
+  skip = config.init_skip
   try:
     re.compile(skip)
   except re.error as e:

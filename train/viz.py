@@ -157,8 +157,6 @@ def detection_pictures(run_, split: str, num: int, out: str, min_score: float) -
 def caption_pictures(run_, split: str, num: int, out: str) -> list[str]:
   """The captioning task's pictures (`CaptioningTask.save_pictures`) of the first `num`
   examples of `split`: each image, its generated caption and every word's cross-attention."""
-  import dataclasses
-
   if run_.config.task != "captioning":
     raise ValueError(f"captions needs a captioning run; the run's task is {run_.config.task!r}")
   task = dataclasses.replace(run_.task, pictures=num)
