@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from configs import lenet_digits
 from conftest import cached_env, small_config
 from train import chips, dry_run, memory_plan
 
@@ -232,3 +233,21 @@ def test_memory_plan_counts_the_products_of_convolutions_and_dots_as_xla_does():
       in report and "(forward): 3 -> 8, [2, 8, 6, 8]" in report
   assert memory_plan._layer("jit(train_step)/transpose(jvp(UNet))/up3/conv/"
                             "nhwc,aboc->nhawbo/dot_general") == ("up3/conv", "backward")
+
+
+def test_memory_plan_sets_each_compiled_layer_against_the_networks_own():
+  def lenet():
+    config = lenet_digits.get_config()
+    config.mesh.num_devices = 1
+    return config
+
+  config = lenet()
+  config.batch_size = config.eval_batch_size = 8
+  hlo = dry_run.compile_run(config, evaluate=False).compiled["train"].as_text()
+  network = memory_plan.network_layer_flops(memory_plan.Case("lenet", lenet, 8), 8)
+  assert set(network) == {"conv1", "conv2", "fc1", "fc2", "head"}, network
+  report = memory_plan.ops_report(hlo, network=network).splitlines()
+  # XLA:CPU computes on the real shapes: every forward layer does the network's own work.
+  assert report[2] == f"forward: 1.000x the network's {sum(network.values()) / 1e9:.1f} GFLOP"
+  forward = [line for line in report if "(forward)" in line]
+  assert len(forward) == 5 and all(line.endswith("; 1.000x the network's") for line in forward)

@@ -380,15 +380,15 @@ def state_bytes(executor) -> dict[str, int]:
   return {name: size(tree, shardings.get(name)) for name, tree in parts.items()}
 
 
-def model_flops_per_image(config, task) -> float | None:
-  """The network's own training FLOPs per image: 3x the forward pass of the unrolled network,
-  counted on the unoptimised (lowered, not compiled) program."""
+def plain_forward(config, task, batch: int):
+  """The network's forward pass at `batch` abstract examples, unrolled (no scan, no remat),
+  lowered for the host: the network's own work, as written."""
   plain = ml_collections.ConfigDict(config.to_dict())
   for key in _FLOP_HIDING_KWARGS:
     if key in plain.model_kwargs:
       plain.model_kwargs[key] = False
   model = build_model(plain)
-  spec = task.input_spec(1)
+  spec = task.input_spec(batch)
 
   def init(batch):
     args, kwargs = task.model_inputs(batch)
@@ -399,8 +399,13 @@ def model_flops_per_image(config, task) -> float | None:
     args, kwargs = task.model_inputs(batch)
     return model.apply(variables, *args, train=False, **kwargs)
 
-  variables = jax.eval_shape(init, spec)
-  forward_flops = _flops(jax.jit(forward).lower(variables, spec))
+  return jax.jit(forward).lower(jax.eval_shape(init, spec), spec)
+
+
+def model_flops_per_image(config, task) -> float | None:
+  """The network's own training FLOPs per image: 3x the forward pass of the unrolled network,
+  counted on the unoptimised (lowered, not compiled) program."""
+  forward_flops = _flops(plain_forward(config, task, 1))
   return 3.0 * forward_flops if forward_flops else None
 
 

@@ -263,6 +263,20 @@ def network_flops(case: Case) -> float | None:
   return dry_run.model_flops_per_image(resolved, build_task(resolved))
 
 
+def network_layer_flops(case: Case, batch: int) -> dict[str, float]:
+  """The case's forward FLOPs per layer at per-chip `batch`: its unrolled forward pass compiled
+  for the host (XLA:CPU keeps the real shapes and the op names)."""
+  config = case.config()
+  config.batch_size = config.eval_batch_size = batch
+  resolved, _, _ = dry_run.describe(config)
+  hlo = dry_run.plain_forward(resolved, build_task(resolved), batch).compile().as_text()
+  flops: dict[str, float] = {}
+  for op in matrix_ops(hlo):
+    layer = _layer(op.op_name)[0].partition("/")[2]  # the model's own name comes first here
+    flops[layer] = flops.get(layer, 0.0) + op.flops
+  return flops
+
+
 _DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*")
 _SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
 
@@ -392,9 +406,12 @@ def _layer(op_name: str) -> tuple[str, str]:
   return "/".join(layer) or op_name, "backward" if backward else "forward"
 
 
-def ops_report(hlo_text: str, compiled_flops: float | None = None, top: int = 12) -> str:
+def ops_report(hlo_text: str, compiled_flops: float | None = None,
+               network: dict[str, float] | None = None, top: int = 12) -> str:
   """Where a compiled step's FLOPs go: its convolutions and dots per layer and pass, against
-  XLA's count for the whole step (the rest: elementwise ops and reductions). A layer that the
+  XLA's count for the whole step (the rest: elementwise ops and reductions) and, given the
+  network's forward FLOPs per layer (`network_layer_flops`), each forward layer's compiled
+  FLOPs over its own: above 1 where the compiler computes on padded shapes. A layer that the
   compiler recomputes to save memory shows more ops than its passes need."""
   ops = matrix_ops(hlo_text)
   total = sum(op.flops for op in ops)
@@ -410,11 +427,17 @@ def ops_report(hlo_text: str, compiled_flops: float | None = None, top: int = 12
            ", ".join(f"{kind} {sum(op.flops for op in members) / 1e9:.1f} GFLOP in "
                      f"{len(members)} ops" for kind, members in sorted(passes.items())),
            f"{'GFLOP':>9} {'ops':>4}  layer (pass): features in -> out, output shape"]
+  if network:
+    compiled_forward = sum(op.flops for op in passes.get("forward", []))
+    lines.insert(2, f"forward: {compiled_forward / sum(network.values()):.3f}x the network's "
+                 f"{sum(network.values()) / 1e9:.1f} GFLOP")
   rows = sorted(groups.items(), key=lambda kv: -sum(op.flops for op in kv[1]))
   for (layer, kind), members in rows[:top]:
-    first = members[0]
-    lines.append(f"{sum(op.flops for op in members) / 1e9:>9.1f} {len(members):>4}  {layer} "
-                 f"({kind}): {first.features[0]} -> {first.features[1]}, {list(first.out)}")
+    first, flops = members[0], sum(op.flops for op in members)
+    own = (network or {}).get(layer) if kind == "forward" else None
+    lines.append(f"{flops / 1e9:>9.1f} {len(members):>4}  {layer} ({kind}): {first.features[0]} "
+                 f"-> {first.features[1]}, {list(first.out)}"
+                 + (f"; {flops / own:.3f}x the network's" if own else ""))
   return "\n".join(lines)
 
 
@@ -437,6 +460,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--pause-file", default="",
                  help="before each compile, wait while this file exists (to lend a shared host "
                  "to something else between compiles)")
+  p.add_argument("--top", type=int, default=12, help="--ops: rows of layers (default: "
+                 "%(default)s)")
   p.add_argument("--table", default="", help="print the table of an --out file and exit")
   p.add_argument("--ops", default="", help="print where the FLOPs of a step saved by --hlo-dir "
                  "go (per layer and pass) and exit; with --out, against XLA's count for it")
@@ -467,7 +492,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     step_flops = next((r["flops_per_image"] * r["batch"] for r in rows if "batch" in r and r[
         "flops_per_image"] and f"{r['case'].replace(' ', '_')}-{r['generation']}-{r['batch']}"
         == name), None)
-    print(ops_report(hlo_text, step_flops))
+    case, batch = name.rsplit("-", 2)[0].replace("_", " "), int(name.rsplit("-", 1)[1])
+    network = network_layer_flops(CASES[case], batch) if case in CASES else None
+    print(ops_report(hlo_text, step_flops, network, top=args.top))
     return 0
 
   def write(row: dict) -> None:
