@@ -221,6 +221,17 @@ def test_memory_plan_counts_the_products_of_convolutions_and_dots_as_xla_does():
     assert len(ops) == 1 and ops[0].flops == compiled.cost_analysis()["flops"]
   forward = memory_plan.matrix_ops(jax.jit(conv).lower(x, w).compile().as_text())[0].flops
 
+  # libtpu writes the U-Net's up-convolution as a 6-D convolution whose 2x2 "window" slides
+  # over a padded size-1 dim: each output element meets one real tap, so 1024 products.
+  tpu = """
+  %x = bf16[4,32,32,1024,1,1]{3,2,5,4,1,0:T(8,128)(2,1)} parameter(0)
+  %k = bf16[2,2,512,1024,1,1]{3,2,1,0,5,4:T(8,128)(2,1)} parameter(1)
+  ROOT %convolution.169 = bf16[4,32,32,2,2,512]{5,2,4,3,1,0:T(8,128)(2,1)} convolution(%x, %k), \
+window={size=1x1x2x2 pad=0_0x0_0x1_1x1_1 rhs_reversal=0x0x1x1}, dim_labels=01bf23_23oi01->01b23f
+"""
+  (op,) = memory_plan.matrix_ops(tpu)
+  assert op.flops == 2 * (4 * 32 * 32 * 2 * 2 * 512) * 1024 and op.features == (1024, 512)
+
   # Both gradients are convolutions over the same products (one with lhs dilation, the
   # strided forward transposed), so each counts what the forward does.
   loss = lambda x, w: jnp.sum(conv(x, w) ** 2)
