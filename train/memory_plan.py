@@ -492,8 +492,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     step_flops = next((r["flops_per_image"] * r["batch"] for r in rows if "batch" in r and r[
         "flops_per_image"] and f"{r['case'].replace(' ', '_')}-{r['generation']}-{r['batch']}"
         == name), None)
-    case, batch = name.rsplit("-", 2)[0].replace("_", " "), int(name.rsplit("-", 1)[1])
-    network = network_layer_flops(CASES[case], batch) if case in CASES else None
+    stem, _, batch = (name.rsplit("-", 2) + ["", ""])[:3]
+    case = next((c for c in CASES.values() if c.name.replace(" ", "_") == stem), None)
+    # Another file's HLO gets the per-layer table without the network's column.
+    network = network_layer_flops(case, int(batch)) if case and batch.isdigit() else None
     print(ops_report(hlo_text, step_flops, network, top=args.top))
     return 0
 
