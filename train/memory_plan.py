@@ -466,6 +466,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--ops", default="", help="print where the FLOPs of a step saved by --hlo-dir "
                  "go (per layer and pass) and exit; with --out, against XLA's count for it")
   args = p.parse_args(argv)
+  if args.ops and not os.path.isfile(args.ops):
+    p.error(f"--ops: no file {args.ops!r}")
   for name in args.cases.split(","):
     if name not in CASES:
       p.error(f"--cases: unknown case {name!r}; choose from {', '.join(CASES)}")
