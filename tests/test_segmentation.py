@@ -413,7 +413,8 @@ def test_overlap_tile_with_valid_padding_and_errors():
   padded = np.pad(image[None], ((0, 0), (20, 20 + 2), (20, 20 + 3), (0, 0)), mode="reflect")
   assert tiled.shape == (10, 9, 2)
   whole = np.asarray(apply_fn(padded[:, :52, :52]))[0]  # 52 -> 12: the 3x3 tiles' area
-  np.testing.assert_allclose(tiled, whole[:10, :9], atol=1e-5)
+  # Outputs reach ~1e3 (random weights): float32 sums in another order differ by ~2e-5 of them.
+  np.testing.assert_allclose(tiled, whole[:10, :9], rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="expected"):
     predict_tiled(apply_fn, image, tile=4, margin=24)
   with pytest.raises(ValueError, match="tile"):
