@@ -104,6 +104,11 @@ def libtpu_version() -> str:
     return ""
 
 
+def _file_stem(case_name: str) -> str:
+  """A case's name as its saved HLO files begin."""
+  return case_name.replace(" ", "_")
+
+
 def compile_once(case: Case, generation: str, batch: int, hlo_dir: str = "") -> dict:
   """One compile of `case`'s train step at per-chip `batch` for one chip of `generation`
   (its optimised HLO saved gzipped under `hlo_dir` when given)."""
@@ -120,7 +125,7 @@ def compile_once(case: Case, generation: str, batch: int, hlo_dir: str = "") -> 
   print(dry_run.report_text(run), file=sys.stderr, flush=True)
   if hlo_dir and "train" in run.compiled:
     os.makedirs(hlo_dir, exist_ok=True)
-    name = f"{case.name.replace(' ', '_')}-{generation}-{batch}.hlo.txt.gz"
+    name = f"{_file_stem(case.name)}-{generation}-{batch}.hlo.txt.gz"
     with gzip.open(os.path.join(hlo_dir, name), "wt") as f:
       f.write(run.compiled["train"].as_text())
   return {
@@ -429,8 +434,9 @@ def ops_report(hlo_text: str, compiled_flops: float | None = None,
            f"{'GFLOP':>9} {'ops':>4}  layer (pass): features in -> out, output shape"]
   if network:
     compiled_forward = sum(op.flops for op in passes.get("forward", []))
-    lines.insert(2, f"forward: {compiled_forward / sum(network.values()):.3f}x the network's "
-                 f"{sum(network.values()) / 1e9:.1f} GFLOP")
+    own_forward = sum(network.values())
+    lines.insert(2, f"forward: {compiled_forward / own_forward:.3f}x the network's "
+                 f"{own_forward / 1e9:.1f} GFLOP")
   rows = sorted(groups.items(), key=lambda kv: -sum(op.flops for op in kv[1]))
   for (layer, kind), members in rows[:top]:
     first, flops = members[0], sum(op.flops for op in members)
@@ -489,13 +495,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.ops:
     with (gzip.open if args.ops.endswith(".gz") else open)(args.ops, "rt") as f:
       hlo_text = f.read()
-    # The file's name is the compile's: CASE-GENERATION-BATCH.hlo.txt.gz.
+    # The file's name is the compile's (`compile_once`): CASE-GENERATION-BATCH.hlo.txt.gz.
     name = os.path.basename(args.ops).split(".hlo")[0]
-    step_flops = next((r["flops_per_image"] * r["batch"] for r in rows if "batch" in r and r[
-        "flops_per_image"] and f"{r['case'].replace(' ', '_')}-{r['generation']}-{r['batch']}"
-        == name), None)
-    stem, _, batch = (name.rsplit("-", 2) + ["", ""])[:3]
-    case = next((c for c in CASES.values() if c.name.replace(" ", "_") == stem), None)
+    stem, generation, batch = (name.rsplit("-", 2) + ["", ""])[:3]
+    case = next((c for c in CASES.values() if _file_stem(c.name) == stem), None)
+    step_flops = next((r["flops_per_image"] * r["batch"] for r in rows if case and "batch" in r
+                       and r["flops_per_image"] and (r["case"], r["generation"], str(r["batch"]))
+                       == (case.name, generation, batch)), None)
     # Another file's HLO gets the per-layer table without the network's column.
     network = network_layer_flops(case, int(batch)) if case and batch.isdigit() else None
     print(ops_report(hlo_text, step_flops, network, top=args.top))
